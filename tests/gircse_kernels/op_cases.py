@@ -1,0 +1,170 @@
+"""Shared shape grid and oracles for every backend's tests of the op.
+
+Oracle (robust at low precision): compute the truth in fp64 with the reference, then require
+``backend_err <= naive_same_dtype_err + ATOL[dtype] * scale`` where ``naive_same_dtype_err`` is the
+error of the plain PyTorch formula evaluated in the inputs' dtype, and ``scale`` is the largest
+magnitude of the true result (at least 0.05). A fused fp32-accumulating kernel should never be worse than PyTorch.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gircse_kernels import reference
+
+# Stated tolerances (absolute, relative to max |truth|) on top of PyTorch's own same-dtype error.
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    lead: tuple = (3,)
+    vocab: int = 1000
+    d: int = 96
+    d_embed: int | None = None  # None: same as d
+    dtype: torch.dtype = torch.float32
+    tied: bool = False
+    bias: bool = False
+    temperature: float = 1.0
+    softcap: float | None = None
+    logit_scale: float = 3.0  # typical |logit|; 1e4 for the "huge logits" cases
+    peaked: bool = False  # some LM-head rows equal to hidden rows (near one-hot distributions)
+    seed: int = 0
+
+    @property
+    def de(self) -> int:
+        return self.d if (self.tied or self.d_embed is None) else self.d_embed
+
+    def __str__(self) -> str:
+        parts = [f"lead{'x'.join(map(str, self.lead))}", f"V{self.vocab}", f"d{self.d}", f"de{self.de}",
+                 str(self.dtype).replace("torch.", "")]
+        for flag in ("tied", "bias", "peaked"):
+            if getattr(self, flag):
+                parts.append(flag)
+        if self.temperature != 1.0:
+            parts.append(f"T{self.temperature}")
+        if self.softcap is not None:
+            parts.append(f"cap{self.softcap}")
+        if self.logit_scale != 3.0:
+            parts.append(f"scale{self.logit_scale:g}")
+        return "-".join(parts)
+
+
+def make_inputs(case: Case, device="cpu", requires_grad=False):
+    """(hidden, lm_head_weight, embed_weight, bias) in ``case.dtype``; E is W when tied."""
+    g = torch.Generator().manual_seed(case.seed)
+    hidden = torch.randn(*case.lead, case.d, generator=g, dtype=torch.float64)
+    weight = torch.randn(case.vocab, case.d, generator=g, dtype=torch.float64)
+    hidden /= hidden.norm(dim=-1, keepdim=True)
+    weight /= weight.norm(dim=-1, keepdim=True)
+    if case.peaked:
+        flat = hidden.reshape(-1, case.d)
+        n = min(flat.shape[0], case.vocab)
+        weight[:n] = flat[:n]  # row i of W points exactly along hidden row i
+    hidden *= case.logit_scale ** 0.5
+    weight *= case.logit_scale ** 0.5
+    embed = None if case.tied else torch.randn(case.vocab, case.de, generator=g, dtype=torch.float64)
+    bias = torch.randn(case.vocab, generator=g, dtype=torch.float64) if case.bias else None
+    tensors = [hidden, weight, embed, bias]
+    out = [None if t is None else t.to(device=device, dtype=case.dtype).requires_grad_(requires_grad)
+           for t in tensors]
+    if case.tied:
+        out[2] = out[1]
+    return tuple(out)
+
+
+def naive(hidden, weight, embed, bias, temperature=1.0, softcap=None):
+    """The plain formula in the inputs' own dtype: the PyTorch baseline error."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.softmax(z.float(), -1).to(z.dtype) @ embed
+
+
+def _f64(inputs):
+    tensors = [None if t is None else t.detach().double().requires_grad_(True) for t in inputs]
+    if inputs[2] is inputs[1]:
+        tensors[2] = tensors[1]
+    return tensors
+
+
+def _err(actual, truth):
+    return (actual.double() - truth).abs().max().item()
+
+
+def assert_matches_truth(actual, truth, baseline, dtype, what="output", natural_scale=0.0):
+    # The floor covers exactly-zero truths (V = 1, one-hot softmax) without loosening real cases:
+    # ``natural_scale`` is 1% of the product of the input magnitudes that bound this quantity.
+    scale = max(truth.abs().max().item(), 0.05, natural_scale)
+    err, base = _err(actual, truth), _err(baseline, truth)
+    bound = base + ATOL[dtype] * scale
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (pytorch same-dtype {base:.3e})"
+
+
+def check_forward(op, case: Case, device="cpu"):
+    """``op(hidden, W, E, b, temperature=, softcap=)`` vs the fp64 truth and the same-dtype baseline."""
+    inputs = make_inputs(case, device)
+    kw = dict(temperature=case.temperature, softcap=case.softcap)
+    actual = op(*inputs, **kw)
+    assert actual.shape == (*case.lead, case.de), actual.shape
+    assert actual.dtype == case.dtype
+    truth = reference.soft_token_embedding(*[None if t is None else t.cpu() for t in _f64(inputs)], **kw)
+    baseline = naive(*inputs, **kw)
+    assert_matches_truth(actual.cpu(), truth, baseline.cpu(), case.dtype)
+
+
+def check_backward(op, case: Case, device="cpu"):
+    """Gradients for hidden, W, E, b (W only when tied) vs the fp64 reference autograd."""
+    kw = dict(temperature=case.temperature, softcap=case.softcap)
+    inputs = make_inputs(case, device, requires_grad=True)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    grad_out = torch.randn(*case.lead, case.de, generator=g, dtype=torch.float64)  # non-uniform dO
+    leaves = [t for i, t in enumerate(inputs) if t is not None and not (case.tied and i == 2)]
+    names = [n for i, n in enumerate(["hidden", "lm_head_weight", "embed_weight", "lm_head_bias"])
+             if inputs[i] is not None and not (case.tied and i == 2)]
+
+    actual = torch.autograd.grad(op(*inputs, **kw), leaves, grad_out.to(device=device, dtype=case.dtype))
+    base_inputs = make_inputs(case, device, requires_grad=True)
+    base_leaves = [t for i, t in enumerate(base_inputs) if t is not None and not (case.tied and i == 2)]
+    baseline = torch.autograd.grad(naive(*base_inputs, **kw), base_leaves,
+                                   grad_out.to(device=device, dtype=case.dtype))
+    f64 = _f64([None if t is None else t.cpu() for t in inputs])
+    f64_leaves = [t for i, t in enumerate(f64) if t is not None and not (case.tied and i == 2)]
+    truth = torch.autograd.grad(reference.soft_token_embedding(*f64, **kw), f64_leaves, grad_out)
+    mag = {n: (0.0 if t is None else t.detach().abs().max().item())
+           for n, t in zip(["h", "w", "e"], f64[:3])}
+    go = grad_out.abs().max().item() / case.temperature
+    natural = {"hidden": go * mag["e"] * mag["w"], "lm_head_weight": go * mag["e"] * mag["h"],
+               "embed_weight": go, "lm_head_bias": go * mag["e"]}
+    for name, a, t, b in zip(names, actual, truth, baseline):
+        assert a.dtype == case.dtype and a.shape == t.shape, (name, a.dtype, a.shape)
+        assert_matches_truth(a.cpu(), t, b.cpu(), case.dtype, what=f"grad {name}",
+                             natural_scale=1e-2 * natural[name])
+
+
+# The grid every backend runs: odd V, B=1, 3-D leading dims, all dtypes, tied/untied, bias,
+# temperature, softcap, peaked and huge logits, one large-d case.
+GRID = [
+    Case(lead=(1,), vocab=1, d=16),
+    Case(lead=(3,), vocab=7, d=16, bias=True),
+    Case(lead=(17,), vocab=1000, d=96),
+    Case(lead=(1,), vocab=1000, d=96, dtype=torch.bfloat16),
+    Case(lead=(2, 3), vocab=1000, d=96, dtype=torch.float16, tied=True),
+    Case(lead=(17,), vocab=1000, d=96, dtype=torch.bfloat16, bias=True, temperature=0.5),
+    Case(lead=(3,), vocab=1000, d=96, softcap=5.0, logit_scale=30.0),
+    Case(lead=(3,), vocab=1000, d=96, dtype=torch.bfloat16, tied=True, peaked=True, logit_scale=50.0),
+    Case(lead=(3,), vocab=1000, d=16, logit_scale=1e4, peaked=True),
+    Case(lead=(3,), vocab=1000, d=16, dtype=torch.bfloat16, logit_scale=1e4, peaked=True, bias=True),
+    Case(lead=(3,), vocab=7, d=576, d_embed=96, dtype=torch.float16),
+    Case(lead=(17,), vocab=1000, d=576, tied=True),
+    Case(lead=(3,), vocab=1000, d=576, dtype=torch.bfloat16, tied=True, softcap=30.0, logit_scale=20.0),
+    Case(lead=(1,), vocab=50257, d=96),
+    Case(lead=(3,), vocab=50257, d=16, dtype=torch.bfloat16, tied=True, bias=True),
+    Case(lead=(2,), vocab=100, d=1536, d_embed=1536),
+    Case(lead=(3,), vocab=37, d=1536, dtype=torch.bfloat16, tied=True),
+]
