@@ -1,0 +1,65 @@
+"""Bad input fails loudly with the argument's name, whichever backend would have run."""
+import pytest
+import torch
+
+from gircse_kernels import reference, soft_token_embedding
+
+V, D, DE = 11, 8, 5
+
+
+def ok():
+    return dict(hidden=torch.randn(3, D), lm_head_weight=torch.randn(V, D), embed_weight=torch.randn(V, DE),
+                lm_head_bias=torch.randn(V))
+
+
+BAD = [
+    ("hidden", dict(hidden=torch.randn(3, D + 1)), ValueError, "hidden's last dimension"),
+    ("embed rows", dict(embed_weight=torch.randn(V + 1, DE)), ValueError, "embed_weight"),
+    ("bias shape", dict(lm_head_bias=torch.randn(V + 2)), ValueError, "lm_head_bias"),
+    ("W rank", dict(lm_head_weight=torch.randn(V, D, 1)), ValueError, "lm_head_weight must be 2-D"),
+    ("E rank", dict(embed_weight=torch.randn(V * DE)), ValueError, "embed_weight must be 2-D"),
+    ("hidden 0-D", dict(hidden=torch.tensor(1.0)), ValueError, "hidden must have at least one dimension"),
+    ("int hidden", dict(hidden=torch.ones(3, D, dtype=torch.long)), TypeError, "hidden must be a floating"),
+    ("not tensor", dict(lm_head_weight=[[1.0] * D] * V), TypeError, "lm_head_weight must be a torch.Tensor"),
+    ("dtype mix", dict(embed_weight=torch.randn(V, DE, dtype=torch.bfloat16)), TypeError, "embed_weight has dtype"),
+    ("empty batch", dict(hidden=torch.randn(0, D)), ValueError, "empty batch"),
+    ("empty vocab", dict(lm_head_weight=torch.randn(0, D), embed_weight=torch.randn(0, DE),
+                         lm_head_bias=torch.randn(0)), ValueError, "V >= 1"),
+    ("fp64 in fused", dict(hidden=torch.randn(3, D, dtype=torch.float64),
+                           lm_head_weight=torch.randn(V, D, dtype=torch.float64),
+                           embed_weight=torch.randn(V, DE, dtype=torch.float64),
+                           lm_head_bias=torch.randn(V, dtype=torch.float64)), TypeError, "hidden has dtype"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,match", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bad_tensors(name, override, exc, match, backend):
+    args = {**ok(), **override}
+    with pytest.raises(exc, match=match):
+        soft_token_embedding(**args, backend=backend)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap=True), TypeError, "softcap"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(grad_filter_eps=1.5), ValueError, "grad_filter_eps"),
+])
+def test_bad_options(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        soft_token_embedding(**ok(), **kw)
+
+
+def test_reference_validates_too():
+    with pytest.raises(ValueError, match="hidden's last dimension"):
+        reference.soft_token_embedding(torch.randn(2, 3), torch.randn(V, D), torch.randn(V, DE))
+
+
+def test_triton_on_cpu_without_interpreter_is_rejected(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        soft_token_embedding(**ok(), backend="triton")
