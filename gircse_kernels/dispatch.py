@@ -98,9 +98,8 @@ def soft_token_embedding(
         lm_head_bias: optional [V] bias of the LM head.
         temperature: divides the logits. softcap: optional Gemma-style ``c * tanh(z / c)``.
         backend: "auto" | "triton" | "cpu" | "torch".
-        grad_filter_eps: backward skips vocabulary tiles whose probabilities are all below this
-            (0 = exact). The skipped part of each gradient is bounded per row by
-            ``eps * (tiles skipped) * tile_rows * (|dO| |E_j| + |dO| |O|)``-scale terms; see README.
+        grad_filter_eps: the backward skips vocabulary tiles whose probabilities are all below this
+            (0, the default, is exact); the error bound is in ``gircse_kernels.grad_filter``.
 
     Returns: [..., d_e] in ``embed_weight``'s dtype. Differentiable in every tensor argument.
     """
