@@ -1,0 +1,211 @@
+"""Algorithm 1 of the paper: soft-token generation with a KV cache, and pooling of the generated states.
+
+Notation (paper): the input x is encoded; at step k the LLM's last hidden state h gives a distribution
+over the vocabulary ``s_k = softmax(W h)``, and the next input is the *soft token*
+``d_k = s_k @ E`` (a probability-weighted mix of input-embedding rows, never a sampled id).
+After K steps the embedding is the mean of the final-layer hidden states at the K generated
+positions: ``z_K = mean(g_1..g_K)``; ``z_k`` (mean of the first k) is the embedding after k steps.
+
+Why no final re-forward: the paper's description runs the LLM once more over [x; d_1..d_K] to read
+the hidden states at the generated positions. Under causal attention the state at the position of
+d_k depends only on x, d_1..d_k, so it is exactly the state the model computed when d_k was fed as
+the one new position at step k. Each state is therefore kept as it is produced; prefill + K
+one-position steps replace the K+1 full forwards of the naive loop (``generate_soft_tokens_uncached``
+is that naive loop, kept as the test oracle).
+
+Batches are left padded so the last column is every row's last real token; ``position_ids`` count
+real tokens only, so a padded row sees the same positions (rotary phases) as the row alone.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from gircse_kernels import SoftTokenEmbedding
+
+__all__ = [
+    "base_causal_lm",
+    "check_k",
+    "decoder_of",
+    "generate_soft_tokens",
+    "generate_soft_tokens_uncached",
+    "left_padded_position_ids",
+    "pool_steps",
+    "soft_token_embedding_of",
+]
+
+
+def check_k(k) -> int:
+    """K, the number of soft tokens, as a positive int (clear error otherwise)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k (number of generated soft tokens) must be an int >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k (number of generated soft tokens) must be >= 1, got {k}")
+    return k
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``model`` (unwraps a peft model; LoRA layers stay injected)."""
+    get_base = getattr(model, "get_base_model", None)  # peft.PeftModel
+    return get_base() if callable(get_base) else model
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The backbone (e.g. ``LlamaModel``) whose ``last_hidden_state`` is post final norm.
+
+    Calling the backbone instead of the causal LM skips the LM head: the [B, L, V] logits are
+    never built; soft tokens go through the fused op instead.
+    """
+    return base_causal_lm(model).get_decoder()
+
+
+def soft_token_embedding_of(model: nn.Module, **kwargs) -> SoftTokenEmbedding:
+    """The fused ``softmax(lm_head(h)) @ E`` bound to the model's current parameters (cheap to build)."""
+    return SoftTokenEmbedding.from_model(base_causal_lm(model), **kwargs)
+
+
+def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only (pads get 0; they are masked out anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _checkpointing_drops_cache(decoder: nn.Module) -> bool:
+    """transformers drops the KV cache inside checkpointed layers when training with grad enabled."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) and m.training
+               for m in decoder.modules() if m is not decoder)
+
+
+_warned_checkpointing = False
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> None:
+    check_k(k)
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be [B, L]; got {tuple(input_ids.shape)} "
+                         f"and {tuple(attention_mask.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens")
+
+
+def generate_soft_tokens(
+    model: nn.Module,
+    soft_token_embedding: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    k: int,
+    *,
+    return_prefill_state: bool = False,
+):
+    """Algorithm 1 with a KV cache: hidden states of the k generated positions, ``[B, k, d]``.
+
+    Args:
+        model: a transformers causal LM, or a peft model wrapping one.
+        soft_token_embedding: ``h -> softmax(lm_head(h)) @ E`` (``gircse_kernels.SoftTokenEmbedding``);
+            None builds it from ``model``.
+        input_ids, attention_mask: ``[B, L]``, **left padded** (the last column is real for every row).
+        k: number of soft tokens to generate (>= 1).
+        return_prefill_state: also return the input's last-token state ``[B, d]`` (the state whose
+            distribution gives d_1); ``explain`` uses it.
+
+    The prefill runs once over the input; then each of the k steps feeds one soft token d_j as
+    ``inputs_embeds`` ([B, 1, d]) with the cache, the grown mask and explicit positions, and keeps
+    the final-layer state at that position (g_j, which also yields d_{j+1}).
+
+    Autograd: called with grad enabled, the graph runs through the cached keys/values, so training
+    backprops through every step at the cost of one pass over the input. Exception: transformers
+    drops the cache inside gradient-checkpointed layers, so with gradient checkpointing active
+    (training mode, grad enabled) this falls back to the uncached algorithm (same result, K+1 full
+    forwards) with a one-time warning.
+    """
+    global _warned_checkpointing
+    _check_inputs(input_ids, attention_mask, k)
+    decoder = decoder_of(model)
+    if soft_token_embedding is None:
+        soft_token_embedding = soft_token_embedding_of(model)
+    if _checkpointing_drops_cache(decoder):
+        if not _warned_checkpointing:
+            warnings.warn("gircse: gradient checkpointing disables the KV cache in transformers; soft tokens "
+                          "are generated by full recomputation (uncached Algorithm 1) instead.",
+                          RuntimeWarning, stacklevel=2)
+            _warned_checkpointing = True
+        return generate_soft_tokens_uncached(model, soft_token_embedding, input_ids, attention_mask, k,
+                                             return_prefill_state=return_prefill_state)
+
+    position_ids = left_padded_position_ids(attention_mask)
+    prefill = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=True)
+    cache = prefill.cache
+    # Left padding: column -1 is every row's last real token.
+    state = prefill.last_hidden_state[:, -1]
+    prefill_state = state
+    next_position = position_ids[:, -1:] + 1
+    mask = attention_mask
+    one_more = attention_mask.new_ones(attention_mask.shape[0], 1)
+    embed_dtype = prefill.last_hidden_state.dtype
+    generated = []
+    for _ in range(k):
+        soft_token = soft_token_embedding(state)  # d_j = s_j @ E, [B, d_e]
+        mask = torch.cat([mask, one_more], dim=1)
+        step = decoder(inputs_embeds=soft_token.unsqueeze(1).to(embed_dtype), attention_mask=mask,
+                       position_ids=next_position, cache=cache, use_cache=True)
+        cache = step.cache
+        state = step.last_hidden_state[:, -1]  # g_j: the state at d_j's position
+        generated.append(state)
+        next_position = next_position + 1
+    generated = torch.stack(generated, dim=1)
+    return (generated, prefill_state) if return_prefill_state else generated
+
+
+def generate_soft_tokens_uncached(
+    model: nn.Module,
+    soft_token_embedding: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    k: int,
+    *,
+    return_prefill_state: bool = False,
+):
+    """Algorithm 1 exactly as written, no cache: the oracle for ``generate_soft_tokens``.
+
+    Step j runs the LLM over the whole sequence [x; d_1..d_j] to get d_{j+1}; a final forward over
+    [x; d_1..d_k] then reads the states at the k generated positions. K+1 full forwards.
+    """
+    _check_inputs(input_ids, attention_mask, k)
+    decoder = decoder_of(model)
+    if soft_token_embedding is None:
+        soft_token_embedding = soft_token_embedding_of(model)
+    embeds = base_causal_lm(model).get_input_embeddings()(input_ids)
+    mask = attention_mask
+    one_more = attention_mask.new_ones(attention_mask.shape[0], 1)
+    prefill_state = None
+    for _ in range(k):
+        last = decoder(inputs_embeds=embeds, attention_mask=mask,
+                       position_ids=left_padded_position_ids(mask)).last_hidden_state[:, -1]
+        if prefill_state is None:
+            prefill_state = last
+        soft_token = soft_token_embedding(last)
+        embeds = torch.cat([embeds, soft_token.unsqueeze(1).to(embeds.dtype)], dim=1)
+        mask = torch.cat([mask, one_more], dim=1)
+    final = decoder(inputs_embeds=embeds, attention_mask=mask,
+                    position_ids=left_padded_position_ids(mask)).last_hidden_state
+    generated = final[:, -k:]
+    return (generated, prefill_state) if return_prefill_state else generated
+
+
+def pool_steps(generated: torch.Tensor, *, return_all_steps: bool = False) -> torch.Tensor:
+    """Mean-pool generated states ``[B, K, d]``.
+
+    ``return_all_steps=False``: ``z_K = mean(g_1..g_K)``, ``[B, d]``.
+    ``return_all_steps=True``: ``[B, K, d]`` with ``z_k = mean(g_1..g_k)`` in slot k-1 (the
+    embedding a K=k run would give, since later steps never change earlier states).
+    """
+    if generated.ndim != 3:
+        raise ValueError(f"generated states must be [B, K, d], got {tuple(generated.shape)}")
+    if not return_all_steps:
+        return generated.mean(dim=1)
+    counts = torch.arange(1, generated.shape[1] + 1, device=generated.device, dtype=generated.dtype)
+    return generated.cumsum(dim=1) / counts[:, None]

@@ -1,0 +1,309 @@
+"""``GIRCSE``: one object for GIRCSE embeddings and the Causal-EOS / Bidirectional-Avg baselines."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import loading
+from .baselines import bidirectional_mean, causal_eos_state
+from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_steps,
+                         soft_token_embedding_of)
+from .prompts import QUERY_FORMAT, left_pad, token_ids, validate_texts
+
+__all__ = ["GIRCSE", "METHODS", "load_default"]
+
+METHODS = ("gircse", "causal-eos", "bidirectional-avg")
+POOLING = {
+    "gircse": "mean of the final-layer states of the K generated soft-token positions",
+    "causal-eos": "final-layer state of an appended EOS token",
+    "bidirectional-avg": "mean of the final-layer states of the input tokens, bidirectional attention",
+}
+CONFIG_VERSION = 1
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+class GIRCSE(nn.Module):
+    """A causal LLM used as an embedding model (GIRCSE, or a fair baseline on the same backbone).
+
+    Attributes:
+        model: the wrapped transformers causal LM (a peft model when an adapter is attached).
+        tokenizer: its tokenizer.
+        method: "gircse" | "causal-eos" | "bidirectional-avg".
+        k: default number of soft tokens (GIRCSE only).
+
+    ``forward(input_ids, attention_mask, k=None, return_all_steps=False)`` is differentiable (the
+    training path); ``encode`` is the batched inference path (inference mode, numpy out).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, method: str = "gircse", k: int = 20,
+                 max_length: int = 512, base_model: str | None = None, gguf_file: str | None = None,
+                 query_format: str = QUERY_FORMAT):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = _check_method(method)
+        self.k = check_k(k)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        self.max_length = max_length
+        # Where the base weights come from, recorded by save_pretrained (None: an in-memory model).
+        self.base_model, self.gguf_file = base_model, gguf_file
+        self.query_format = query_format
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, method: str | None = None, k: int | None = None,
+                        adapter: str | None = None, gguf_file: str | None = None, device=None, dtype=None,
+                        max_length: int | None = None) -> "GIRCSE":
+        """Load a base causal LM (hub id, local directory, ``"smollm2-135m"``) or a saved GIRCSE directory.
+
+        ``method``/``k``/``max_length`` left as None take the saved directory's values, else
+        "gircse" / 20 / 512. ``adapter``: a peft adapter directory to attach. ``dtype`` None: fp32 on
+        CPU, bf16 on CUDA.
+        """
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = loading.resolve_dtype(dtype, device)
+        saved: dict = {}
+        adapter_dir = adapter
+        if loading.is_gircse_dir(name_or_path):
+            saved = loading.read_config(name_or_path)
+            base = saved["base_model"]
+            if not os.path.isabs(base) and os.path.isdir(os.path.join(name_or_path, base)):
+                base = os.path.join(name_or_path, base)  # base weights saved inside the directory
+            if adapter_dir is None and os.path.isfile(os.path.join(name_or_path, loading.ADAPTER_CONFIG_FILE)):
+                adapter_dir = name_or_path
+            base_ref, gguf_file = base, gguf_file or saved.get("gguf_file")
+        else:
+            base_ref = name_or_path
+        model, tokenizer = loading.load_base(base_ref, gguf_file=gguf_file, device=device, dtype=dtype)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_dir).to(device).eval()
+        return cls(model, tokenizer,
+                   method=method or saved.get("method", "gircse"),
+                   k=k if k is not None else saved.get("k", 20),
+                   max_length=max_length if max_length is not None else saved.get("max_length", 512),
+                   base_model=base_ref,
+                   gguf_file=gguf_file, query_format=saved.get("query_format", QUERY_FORMAT))
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``gircse_config.json`` (base model reference, method, k, pooling, prompt format),
+        the peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``) when one is
+        attached, and, for an in-memory model with no reference, the base weights under ``base/``.
+        safetensors only.
+        """
+        os.makedirs(directory, exist_ok=True)
+        has_adapter = hasattr(self.model, "peft_config")
+        base = self.base_model
+        if base is None:
+            if has_adapter:
+                raise ValueError("this GIRCSE wraps an in-memory base model with a peft adapter and no base "
+                                 "reference; construct it with base_model=<path or name> (e.g. save the base "
+                                 "model first) so the adapter can be saved against it")
+            self.model.save_pretrained(os.path.join(directory, "base"), safe_serialization=True)
+            self.tokenizer.save_pretrained(os.path.join(directory, "base"))
+            base = "base"
+        elif os.path.isdir(base) and not os.path.isabs(base):
+            base = os.path.abspath(base)
+        if has_adapter:
+            self.model.save_pretrained(directory, safe_serialization=True)
+        loading.write_json_atomic(os.path.join(directory, loading.CONFIG_FILE), {
+            "gircse_config_version": CONFIG_VERSION,
+            "base_model": base,
+            "gguf_file": self.gguf_file,
+            "method": self.method,
+            "k": self.k,
+            "pooling": POOLING[self.method],
+            "query_format": self.query_format,
+            "document_format": "{text}",
+            "max_length": self.max_length,
+            "adapter": has_adapter,
+        })
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embedding_dim(self) -> int:
+        return base_causal_lm(self.model).config.hidden_size
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, k={self.k}, max_length={self.max_length}, base_model={self.base_model!r}"
+
+    # ------------------------------------------------------------------ tokenization and the differentiable path
+    def tokenize(self, texts: list[str], instruction: str | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded ``{"input_ids", "attention_mask"}`` on the model's device, ready for ``forward``."""
+        texts = validate_texts(texts)
+        if not texts:
+            raise ValueError("texts is empty")
+        return self._pad(self._token_ids(texts, instruction))
+
+    def _token_ids(self, texts: list[str], instruction: str | None) -> list[list[int]]:
+        return token_ids(self.tokenizer, texts, instruction, self.max_length,
+                         append_eos=self.method == "causal-eos", query_format=self.query_format)
+
+    def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id or 0  # any id: padded positions are masked out
+        input_ids, attention_mask = left_pad(sequences, pad_id, self.device)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int | None = None,
+                return_all_steps: bool = False) -> torch.Tensor:
+        """Unnormalized embeddings of a left-padded batch; differentiable when grad is enabled.
+
+        GIRCSE: ``[B, d]`` = z_k, or ``[B, k, d]`` = z_1..z_k with ``return_all_steps``.
+        Baselines: ``[B, d]``, or ``[B, 1, d]`` with ``return_all_steps`` (they have one step).
+        """
+        if self.method == "gircse":
+            k = self.k if k is None else check_k(k)
+            generated = generate_soft_tokens(self.model, soft_token_embedding_of(self.model),
+                                             input_ids, attention_mask, k)
+            return pool_steps(generated, return_all_steps=return_all_steps)
+        if self.method == "causal-eos":
+            pooled = causal_eos_state(self.model, input_ids, attention_mask)
+        else:
+            pooled = bidirectional_mean(self.model, input_ids, attention_mask)
+        return pooled.unsqueeze(1) if return_all_steps else pooled
+
+    # ------------------------------------------------------------------ inference
+    def encode(self, texts, instruction: str | None = None, *, k: int | None = None, batch_size: int = 32,
+               normalize_embeddings: bool = True, convert_to_numpy: bool = True,
+               show_progress_bar: bool | None = None, return_all_steps: bool = False):
+        """Embed texts: ``[n, d]`` (``[n, k, d]`` with ``return_all_steps``; a single str gives ``[d]``).
+
+        Queries take ``instruction`` in the format ``"Instruct: {instruction}\\nQuery: {text}"``; no
+        instruction embeds the text alone. Texts are sorted by length (longest first) so batches
+        carry little padding; the output is in the input order. fp32 output.
+        """
+        single = isinstance(texts, str)
+        texts = validate_texts([texts] if single else texts)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        k = self.k if k is None else check_k(k)
+        steps = (k if self.method == "gircse" else 1) if return_all_steps else None
+        shape = (len(texts),) + ((steps,) if steps else ()) + (self.embedding_dim,)
+        out = torch.empty(shape, dtype=torch.float32)
+        if texts:
+            sequences = self._token_ids(texts, instruction)
+            order = sorted(range(len(texts)), key=lambda i: -len(sequences[i]))
+            if show_progress_bar is None:
+                show_progress_bar = len(texts) > 256
+            starts = range(0, len(order), batch_size)
+            if show_progress_bar:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, total=math.ceil(len(order) / batch_size), desc="encode", unit="batch")
+            was_training = self.training
+            self.eval()
+            try:
+                with torch.inference_mode():
+                    for start in starts:
+                        index = order[start:start + batch_size]
+                        batch = self._pad([sequences[i] for i in index])
+                        emb = self.forward(**batch, k=k, return_all_steps=return_all_steps).float()
+                        if normalize_embeddings:
+                            emb = torch.nn.functional.normalize(emb, dim=-1)
+                        out[torch.tensor(index)] = emb.cpu()
+            finally:
+                self.train(was_training)
+        if single:
+            out = out[0]
+        return out.numpy() if convert_to_numpy else out
+
+    def encode_queries(self, texts, instruction: str | None = None, **kwargs):
+        """Queries: ``"Instruct: {instruction}\\nQuery: {text}"`` (the text alone without instruction)."""
+        return self.encode(texts, instruction, **kwargs)
+
+    def encode_documents(self, texts, instruction: str | None = None, **kwargs):
+        """Documents: the text alone unless an instruction is given."""
+        return self.encode(texts, instruction, **kwargs)
+
+    def similarity(self, a, b) -> np.ndarray:
+        """Cosine similarity matrix between two sets of embeddings ``[n, d]`` x ``[m, d]``."""
+        a = torch.nn.functional.normalize(torch.as_tensor(np.asarray(a), dtype=torch.float32), dim=-1)
+        b = torch.nn.functional.normalize(torch.as_tensor(np.asarray(b), dtype=torch.float32), dim=-1)
+        return (a @ b.T).numpy()
+
+    @torch.inference_mode()
+    def explain(self, text: str, instruction: str | None = None, k: int = 20, top: int = 30
+                ) -> list[list[tuple[str, float]]]:
+        """Per generation step j = 1..k, the ``top`` tokens of the soft-token distribution s_j with
+        their probabilities (the paper's Table 4 analysis). The vocabulary is scanned in chunks, so no
+        [k, V] tensor is built.
+        """
+        if self.method != "gircse":
+            raise ValueError(f"explain shows soft-token distributions; method {self.method!r} generates none")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        k = check_k(k)
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be an int >= 1, got {top!r}")
+        batch = self.tokenize([text], instruction)
+        ste = soft_token_embedding_of(self.model)
+        generated, prefill_state = generate_soft_tokens(self.model, ste, batch["input_ids"],
+                                                        batch["attention_mask"], k, return_prefill_state=True)
+        # s_1 comes from the input's last state, s_j (j > 1) from the state at d_{j-1}'s position.
+        queries = torch.cat([prefill_state[:, None], generated[:, :-1]], dim=1)[0]
+        probs, ids = top_soft_token_probs(queries, ste, top)
+        return [[(self.tokenizer.decode([int(t)]), float(p)) for p, t in zip(step_p, step_t)]
+                for step_p, step_t in zip(probs.tolist(), ids.tolist())]
+
+
+def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, chunk: int = 8192
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, ids)``, ``[n, top]``: the largest entries of ``softmax(lm_head(hidden))``.
+
+    Streams the vocabulary in chunks with a running top-k and log-sum-exp (memory O(n * chunk)).
+    Honours the op's LM-head bias, temperature and softcap.
+    """
+    weight, bias = soft_token_embedding.lm_head_weight, soft_token_embedding.lm_head_bias
+    temperature, softcap = soft_token_embedding.temperature, soft_token_embedding.softcap
+    hidden = hidden.float()
+    vocab = weight.shape[0]
+    top = min(top, vocab)
+    best_vals = hidden.new_full((hidden.shape[0], 0), float("-inf"))
+    best_ids = torch.empty((hidden.shape[0], 0), dtype=torch.long, device=hidden.device)
+    lse = hidden.new_full((hidden.shape[0],), float("-inf"))
+    for start in range(0, vocab, chunk):
+        logits = hidden @ weight[start:start + chunk].float().T
+        if bias is not None:
+            logits = logits + bias[start:start + chunk].float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits / temperature
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        ids = torch.arange(start, start + logits.shape[1], device=hidden.device).expand_as(logits)
+        vals = torch.cat([best_vals, logits], dim=1)
+        cand = torch.cat([best_ids, ids], dim=1)
+        best_vals, pos = vals.topk(min(top, vals.shape[1]), dim=1)
+        best_ids = cand.gather(1, pos)
+    return (best_vals - lse[:, None]).exp(), best_ids
+
+
+def load_default(*, device=None, dtype=None, k: int | None = None) -> GIRCSE:
+    """SmolLM2-135M with the shipped GIRCSE adapter (``gircse/default_adapter/``).
+
+    Until the training issue ships that adapter, the untrained base model (with a warning).
+    """
+    if loading.is_gircse_dir(loading.DEFAULT_ADAPTER_DIR):
+        return GIRCSE.from_pretrained(loading.DEFAULT_ADAPTER_DIR, device=device, dtype=dtype, k=k)
+    warnings.warn("gircse: no trained adapter is shipped yet (gircse/default_adapter/); load_default() returns "
+                  "the raw SmolLM2-135M base model with GIRCSE generation, untrained for embeddings.",
+                  UserWarning, stacklevel=2)
+    return GIRCSE.from_pretrained("smollm2-135m", device=device, dtype=dtype, k=k)

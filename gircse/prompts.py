@@ -1,0 +1,106 @@
+"""Input validation, the instruction prompt format, truncation that keeps the instruction, left padding."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["QUERY_FORMAT", "format_input", "left_pad", "token_ids", "validate_texts"]
+
+# The paper's query format; documents (and queries without an instruction) are the text alone.
+QUERY_FORMAT = "Instruct: {instruction}\nQuery: {text}"
+
+
+def validate_texts(texts) -> list[str]:
+    """A list of non-empty strings, or a clear error naming the first bad item."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}: {text!r:.60}")
+        if not text.strip():
+            raise ValueError(f"texts[{index}] is empty (or only whitespace); an empty text has no embedding")
+    return list(texts)
+
+
+def format_input(text: str, instruction: str | None = None, query_format: str = QUERY_FORMAT) -> tuple[str, int]:
+    """``(prompt, prefix_chars)``: the model input and how many leading characters are the instruction part."""
+    if instruction is None:
+        return text, 0
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
+    prefix = query_format.split("{text}")[0].format(instruction=instruction)
+    return query_format.format(instruction=instruction, text=text), len(prefix)
+
+
+def _truncate_text_tokens(ids: list[int], offsets: list[tuple[int, int]], prefix_chars: int,
+                          budget: int) -> list[int]:
+    """Drop tokens from the end of the *text* part until ``len(ids) <= budget``.
+
+    Tokens with an empty character span are special tokens (BOS/EOS): kept where they are. Tokens
+    that end inside the instruction prefix are kept. A token straddling the boundary (e.g. " hi"
+    after "Query:") counts as text.
+    """
+    is_text = [end > start and end > prefix_chars for start, end in offsets]
+    n_text = sum(is_text)
+    keep_text = budget - (len(ids) - n_text)
+    if keep_text < 1:
+        raise ValueError(f"the instruction alone takes {len(ids) - n_text} tokens, leaving no room for the "
+                         f"text within max_length ({budget} tokens available); raise max_length or shorten "
+                         "the instruction")
+    kept, seen = [], 0
+    for token, text_token in zip(ids, is_text):
+        if text_token:
+            seen += 1
+            if seen > keep_text:
+                continue
+        kept.append(token)
+    return kept
+
+
+def token_ids(tokenizer, texts: list[str], instruction: str | None, max_length: int, *,
+              append_eos: bool = False, query_format: str = QUERY_FORMAT) -> list[list[int]]:
+    """Token ids per text: tokenizer defaults (``add_special_tokens=True``), no chat template.
+
+    Inputs longer than ``max_length`` lose tokens from the end of the text; the instruction and any
+    special tokens are kept. ``append_eos`` (Causal-EOS) adds the EOS id after everything, within
+    ``max_length``.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    eos = None
+    if append_eos:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("method 'causal-eos' needs a tokenizer with an eos_token")
+    prompts, prefixes = zip(*(format_input(t, instruction, query_format) for t in texts)) if texts else ((), ())
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    budget = max_length - (1 if append_eos else 0)
+    result = []
+    for index, ids in enumerate(encoded):
+        ids = list(ids)
+        if append_eos and ids and ids[-1] == eos:
+            ids = ids[:-1]  # the tokenizer already appends EOS: keep exactly one
+        if len(ids) > budget:
+            if not getattr(tokenizer, "is_fast", False):
+                raise ValueError("truncation that keeps the instruction needs a fast tokenizer (character offsets)")
+            enc = tokenizer(prompts[index], add_special_tokens=True, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+            if append_eos and ids and ids[-1] == eos:
+                ids, offsets = ids[:-1], offsets[:-1]
+            ids = _truncate_text_tokens(ids, offsets, prefixes[index], budget)
+        if not ids:
+            raise ValueError(f"texts[{index}] tokenizes to nothing")
+        result.append(ids + [eos] if append_eos else ids)
+    return result
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, ``[B, L]``, padded on the left so column -1 is real in every row."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, length - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
