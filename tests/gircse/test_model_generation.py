@@ -1,0 +1,149 @@
+"""Algorithm 1 with a KV cache against the uncached oracle, batch invariance, pooling, baselines' attention."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gircse.baselines import bidirectional_attention_mask, bidirectional_mean, causal_eos_state
+from gircse.generation import (decoder_of, generate_soft_tokens, generate_soft_tokens_uncached,
+                               left_padded_position_ids, pool_steps, soft_token_embedding_of)
+
+from .conftest import FAMILIES, tiny_causal_lm
+
+TEXTS = ["a short one", "a considerably longer sentence about the weather in the mountains today",
+         "medium length text here"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_matches_uncached_algorithm(family, make_tiny):
+    gircse = make_tiny(family)
+    batch = gircse.tokenize(TEXTS, "Retrieve the passage")
+    assert batch["attention_mask"][:, 0].min() == 0, "the batch must contain left padding"
+    with torch.no_grad():
+        cached, cached_prefill = generate_soft_tokens(gircse.model, None, **batch, k=5, return_prefill_state=True)
+        uncached, uncached_prefill = generate_soft_tokens_uncached(gircse.model, None, **batch, k=5,
+                                                                   return_prefill_state=True)
+    assert cached.shape == (3, 5, 32)
+    torch.testing.assert_close(cached, uncached, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(cached_prefill, uncached_prefill, atol=2e-5, rtol=1e-5)
+    # The steps carry signal: consecutive generated states differ.
+    assert (cached[:, 1:] - cached[:, :-1]).abs().amax() > 1e-2
+
+
+def test_cached_generation_gradients_match_uncached(make_tiny):
+    """Training backprops through the KV cache: same gradients as the uncached algorithm."""
+    gircse = make_tiny("qwen2")
+    batch = gircse.tokenize(TEXTS[:2])
+    params = dict(gircse.model.named_parameters())
+    weights = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1))
+
+    def grads(generate):
+        gircse.model.zero_grad()
+        out = generate(gircse.model, soft_token_embedding_of(gircse.model), **batch, k=4)
+        (out * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+
+    cached, uncached = grads(generate_soft_tokens), grads(generate_soft_tokens_uncached)
+    assert cached.keys() == uncached.keys() and "lm_head.weight" in cached
+    for name in cached:
+        # fp32 (RMSNorm upcasts, long reductions): compare relative to the tensor's gradient scale.
+        scale = uncached[name].abs().max().item()
+        err = (cached[name] - uncached[name]).abs().max().item()
+        assert err <= 1e-4 * scale + 1e-6, (name, err, scale)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["gircse", "causal-eos", "bidirectional-avg"])
+def test_batch_invariance(family, method, make_tiny):
+    """A text alone == the same text in a batch with longer and shorter texts (fp32, tight)."""
+    gircse = make_tiny(family, method=method)
+    alone = gircse.encode([TEXTS[2]], "Find it", normalize_embeddings=False)
+    in_batch = gircse.encode(TEXTS, "Find it", normalize_embeddings=False, batch_size=3)
+    np.testing.assert_allclose(in_batch[2], alone[0], atol=2e-5, rtol=1e-5)
+
+
+def test_return_all_steps_semantics(make_tiny):
+    gircse = make_tiny("llama", k=4)
+    steps = gircse.encode(TEXTS, k=4, return_all_steps=True, normalize_embeddings=False)
+    assert steps.shape == (3, 4, 32)
+    final = gircse.encode(TEXTS, k=4, normalize_embeddings=False)
+    np.testing.assert_allclose(steps[:, -1], final, atol=1e-6)
+    # z_j is exactly the embedding a k=j run gives (later steps never change earlier states).
+    for j in (1, 2):
+        np.testing.assert_allclose(steps[:, j - 1], gircse.encode(TEXTS, k=j, normalize_embeddings=False),
+                                   atol=1e-6)
+    normalized = gircse.encode(TEXTS, k=4, return_all_steps=True)
+    np.testing.assert_allclose(np.linalg.norm(normalized, axis=-1), 1.0, atol=1e-5)
+
+
+def test_pool_steps_is_running_mean():
+    g = torch.arange(24.0).reshape(1, 4, 6)
+    torch.testing.assert_close(pool_steps(g), g.mean(1))
+    all_steps = pool_steps(g, return_all_steps=True)
+    for k in range(1, 5):
+        torch.testing.assert_close(all_steps[:, k - 1], g[:, :k].mean(1))
+    with pytest.raises(ValueError):
+        pool_steps(g[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bidirectional_mask_lets_tokens_see_later_tokens(family):
+    """With the 4-D mask a token's state depends on later tokens; with the default causal mask it does not."""
+    model = tiny_causal_lm(family)
+    decoder = decoder_of(model)
+    ids_a = torch.tensor([[5, 900, 901, 902, 903]])
+    ids_b = ids_a.clone()
+    ids_b[0, -1] = 4000  # change only the last token
+    mask = torch.ones_like(ids_a)
+    positions = left_padded_position_ids(mask)
+    for implementation in ("sdpa", "eager"):
+        model.config._attn_implementation = implementation
+        with torch.no_grad():
+            causal = [decoder(input_ids=i, attention_mask=mask, position_ids=positions).last_hidden_state
+                      for i in (ids_a, ids_b)]
+            dtype = None if implementation == "sdpa" else torch.float32
+            full = [decoder(input_ids=i, attention_mask=bidirectional_attention_mask(mask, dtype),
+                            position_ids=positions).last_hidden_state for i in (ids_a, ids_b)]
+        torch.testing.assert_close(causal[0][:, :-1], causal[1][:, :-1])
+        assert (full[0][:, 0] - full[1][:, 0]).abs().max() > 1e-3, implementation
+    model.config._attn_implementation = "sdpa"
+
+
+def test_bidirectional_mask_ignores_padding(make_tiny):
+    gircse = make_tiny("mistral", method="bidirectional-avg")
+    batch = gircse.tokenize(TEXTS)
+    with torch.no_grad():
+        pooled = bidirectional_mean(gircse.model, **batch)
+        alone = bidirectional_mean(gircse.model, **gircse.tokenize([TEXTS[0]]))
+    torch.testing.assert_close(pooled[0], alone[0], atol=2e-5, rtol=1e-5)
+    assert bidirectional_attention_mask(batch["attention_mask"]).dtype == torch.bool
+
+
+def test_causal_eos_appends_eos_and_takes_its_state(make_tiny):
+    gircse = make_tiny("llama", method="causal-eos")
+    batch = gircse.tokenize(TEXTS)
+    assert (batch["input_ids"][:, -1] == gircse.tokenizer.eos_token_id).all()
+    plain = gircse.tokenizer(TEXTS[1])["input_ids"]
+    ids = torch.tensor([plain + [gircse.tokenizer.eos_token_id]])
+    with torch.no_grad():
+        expected = decoder_of(gircse.model)(input_ids=ids).last_hidden_state[:, -1]
+        got = causal_eos_state(gircse.model, **gircse.tokenize([TEXTS[1]]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_falls_back_to_uncached(make_tiny):
+    """transformers drops the cache in checkpointed layers; generation must still be Algorithm 1."""
+    gircse = make_tiny("llama")
+    batch = gircse.tokenize(TEXTS[:2])
+    with torch.no_grad():
+        expected = generate_soft_tokens_uncached(gircse.model, None, **batch, k=3)
+    gircse.model.gradient_checkpointing_enable()
+    gircse.model.train()
+    with pytest.warns(RuntimeWarning, match="gradient checkpointing"):
+        import gircse.generation as generation
+
+        generation._warned_checkpointing = False
+        got = generate_soft_tokens(gircse.model, None, **batch, k=3)
+    got.sum().backward()
+    torch.testing.assert_close(got.detach(), expected, atol=2e-5, rtol=1e-5)
