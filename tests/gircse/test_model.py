@@ -1,0 +1,197 @@
+"""The GIRCSE object: save/load with a LoRA adapter, explain, input errors, truncation, encode details."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import gircse
+from gircse import GIRCSE
+from gircse import loading
+
+from .conftest import tiny_causal_lm
+
+TEXTS = ["the cat sat on the mat", "stock prices fell sharply today after the announcement", "rain"]
+
+
+@pytest.fixture
+def tiny_base_dir(tmp_path, smollm2_tokenizer):
+    """A tiny random Llama saved like any local transformers model (weights + tokenizer)."""
+    path = tmp_path / "tiny-base"
+    tiny_causal_lm("llama").save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(3)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter change the model
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return peft_model.eval()
+
+
+def test_save_and_load_with_lora_adapter(tiny_base_dir, tmp_path):
+    base = GIRCSE.from_pretrained(tiny_base_dir, k=3, max_length=64)
+    assert base.base_model == tiny_base_dir and base.k == 3 and base.method == "gircse"
+    before = base.encode(TEXTS, "Find it")
+    tuned = GIRCSE(_lora(base.model), base.tokenizer, k=3, max_length=64, base_model=tiny_base_dir)
+    expected = tuned.encode(TEXTS, "Find it")
+    assert np.abs(expected - before).max() > 1e-3, "the adapter must matter"
+
+    out = tmp_path / "saved"
+    tuned.save_pretrained(str(out))
+    files = set(os.listdir(out))
+    assert {"gircse_config.json", "adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    config = json.loads((out / "gircse_config.json").read_text())
+    assert config["method"] == "gircse" and config["k"] == 3 and config["max_length"] == 64
+    assert config["base_model"] == tiny_base_dir and "{instruction}" in config["query_format"]
+
+    loaded = GIRCSE.from_pretrained(str(out))
+    assert hasattr(loaded.model, "peft_config") and loaded.k == 3 and loaded.max_length == 64
+    np.testing.assert_allclose(loaded.encode(TEXTS, "Find it"), expected, atol=1e-5)
+    # Overrides beat the saved values.
+    assert GIRCSE.from_pretrained(str(out), k=2, method="causal-eos").k == 2
+
+
+def test_save_in_memory_model_writes_base_weights(make_tiny, tmp_path):
+    model = make_tiny("qwen2", k=2)
+    expected = model.encode(TEXTS)
+    model.save_pretrained(str(tmp_path / "m"))
+    assert os.path.isfile(tmp_path / "m" / "base" / "model.safetensors")
+    loaded = GIRCSE.from_pretrained(str(tmp_path / "m"))
+    np.testing.assert_allclose(loaded.encode(TEXTS), expected, atol=1e-5)
+    # A peft model with no base reference cannot be saved meaningfully.
+    tuned = GIRCSE(_lora(tiny_causal_lm("llama")), model.tokenizer)
+    with pytest.raises(ValueError, match="base reference"):
+        tuned.save_pretrained(str(tmp_path / "n"))
+
+
+def test_explain_top_tokens_match_full_softmax(make_tiny):
+    model = make_tiny("mistral")
+    steps = model.explain("the cat sat on the mat", k=3, top=5)
+    assert len(steps) == 3 and all(len(s) == 5 for s in steps)
+    # Oracle: full softmax over the vocabulary for the state that produced each soft token.
+    from gircse.generation import generate_soft_tokens
+
+    batch = model.tokenize(["the cat sat on the mat"])
+    with torch.no_grad():
+        generated, prefill = generate_soft_tokens(model.model, None, **batch, k=3, return_prefill_state=True)
+        queries = torch.cat([prefill[:, None], generated[:, :-1]], 1)[0]
+        probs = torch.softmax(model.model.lm_head(queries), -1)
+    top_p, top_i = probs.topk(5, dim=-1)
+    for j, step in enumerate(steps):
+        assert [tok for tok, _ in step] == [model.tokenizer.decode([int(i)]) for i in top_i[j]]
+        np.testing.assert_allclose([p for _, p in step], top_p[j].numpy(), rtol=1e-4)
+        assert all(a >= b for (_, a), (_, b) in zip(step, step[1:]))
+    with pytest.raises(ValueError, match="generates none"):
+        make_tiny("llama", method="causal-eos").explain("x")
+
+
+def test_input_errors(make_tiny):
+    model = make_tiny("llama")
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
+        model.encode(["ok", ""])
+    with pytest.raises(ValueError, match="empty"):
+        model.encode(["   "])
+    with pytest.raises(TypeError, match=r"texts\[0\] must be a str"):
+        model.encode([3])
+    with pytest.raises(TypeError, match="list of str"):
+        model.encode(None)
+    for bad_k in (0, -1):
+        with pytest.raises(ValueError, match="k"):
+            model.encode(["ok"], k=bad_k)
+    with pytest.raises(TypeError, match="k"):
+        model.encode(["ok"], k=1.5)
+    with pytest.raises(ValueError, match="method"):
+        make_tiny("llama", method="mean")
+    with pytest.raises(ValueError, match="batch_size"):
+        model.encode(["ok"], batch_size=0)
+    with pytest.raises(TypeError, match="instruction"):
+        model.encode(["ok"], instruction=5)
+
+
+@pytest.mark.parametrize("method", ["gircse", "causal-eos"])
+def test_truncation_keeps_instruction(make_tiny, method):
+    model = make_tiny("llama", method=method, max_length=16)
+    instruction = "Retrieve documents about finance"
+    long_text = " ".join(["market"] * 100)
+    prefix_ids = model.tokenizer("Instruct: " + instruction + "\nQuery:")["input_ids"]
+    ids = model.tokenize([long_text], instruction)["input_ids"][0].tolist()
+    assert len(ids) == 16
+    assert ids[:len(prefix_ids)] == prefix_ids
+    text_part = ids[len(prefix_ids):-1] if method == "causal-eos" else ids[len(prefix_ids):]
+    assert model.tokenizer.decode(text_part).split() == ["market"] * len(text_part)
+    if method == "causal-eos":
+        assert ids[-1] == model.tokenizer.eos_token_id
+    # Short inputs are untouched; a too-long instruction is a clear error.
+    assert model.tokenize(["rain"], instruction)["attention_mask"].sum() < 16
+    with pytest.raises(ValueError, match="instruction alone"):
+        model.tokenize(["rain"], "a very long instruction " * 10)
+    model.encode([long_text, "short"], instruction)  # runs within max_length
+
+
+def test_encode_shapes_order_and_types(make_tiny, capsys):
+    model = make_tiny("qwen2", k=2)
+    many = model.encode(TEXTS)
+    assert many.shape == (3, 32) and many.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(many, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(model.encode(TEXTS[::-1])[::-1], many, atol=2e-5)
+    single = model.encode(TEXTS[0])
+    assert single.shape == (32,)
+    np.testing.assert_allclose(single, many[0], atol=2e-5)
+    assert model.encode([]).shape == (0, 32)
+    tensor = model.encode(TEXTS, convert_to_numpy=False, batch_size=1, show_progress_bar=True)
+    assert isinstance(tensor, torch.Tensor) and not tensor.requires_grad
+    assert "encode" in capsys.readouterr().err
+    np.testing.assert_allclose(model.encode_queries(TEXTS, "Find"), model.encode(TEXTS, "Find"), atol=1e-6)
+    np.testing.assert_allclose(model.encode_documents(TEXTS), many, atol=1e-6)
+    assert model.encode(["x"], return_all_steps=True, k=3).shape == (1, 3, 32)
+    assert make_tiny("llama", method="bidirectional-avg").encode(["x"], return_all_steps=True).shape == (1, 1, 32)
+
+
+def test_forward_is_differentiable(make_tiny):
+    model = make_tiny("llama", k=2)
+    model.train()
+    emb = model(**model.tokenize(TEXTS), return_all_steps=True)
+    assert emb.shape == (3, 2, 32) and emb.requires_grad
+    emb.square().sum().backward()
+    assert model.model.lm_head.weight.grad is not None
+    assert model.model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_load_default_with_and_without_shipped_adapter(monkeypatch, tmp_path, make_tiny):
+    calls = []
+
+    def fake_from_pretrained(name, **kwargs):
+        calls.append(name)
+        return "loaded"
+
+    monkeypatch.setattr(GIRCSE, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(loading, "DEFAULT_ADAPTER_DIR", str(tmp_path / "missing"))
+    with pytest.warns(UserWarning, match="untrained"):
+        assert gircse.load_default() == "loaded"
+    assert calls == ["smollm2-135m"]
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / loading.CONFIG_FILE).write_text("{}")
+    monkeypatch.setattr(loading, "DEFAULT_ADAPTER_DIR", str(shipped))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        gircse.load_default()
+    assert calls[-1] == str(shipped)
+
+
+def test_smollm2_alias_resolves_to_packaged_gguf():
+    path, gguf = loading.resolve_model_source("SmolLM2-135M")
+    assert os.path.isfile(os.path.join(path, gguf)) and gguf.endswith(".gguf")
+    assert loading.resolve_model_source("some/dir") == ("some/dir", None)
