@@ -147,3 +147,27 @@ def test_gradient_checkpointing_falls_back_to_uncached(make_tiny):
         got = generate_soft_tokens(gircse.model, None, **batch, k=3)
     got.sum().backward()
     torch.testing.assert_close(got.detach(), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_cached_generation_with_sliding_window_layers(family):
+    """Inputs longer than the sliding window: the sliding-window cache layers still match the oracle."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=6)).eval()
+    else:  # layer 0 full attention, layer 1 sliding
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=6,
+                                             max_window_layers=1)).eval()
+    from gircse.prompts import left_pad
+
+    input_ids, attention_mask = left_pad([list(range(5, 25)), list(range(30, 40))], 0)
+    with torch.no_grad():
+        cached = generate_soft_tokens(model, None, input_ids, attention_mask, 5)
+        uncached = generate_soft_tokens_uncached(model, None, input_ids, attention_mask, 5)
+        alone = generate_soft_tokens(model, None, input_ids[1:, 10:], attention_mask[1:, 10:], 5)
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached[1], alone[0], atol=2e-5, rtol=1e-5)
