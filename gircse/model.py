@@ -145,14 +145,18 @@ class GIRCSE(nn.Module):
         return f"method={self.method!r}, k={self.k}, max_length={self.max_length}, base_model={self.base_model!r}"
 
     # ------------------------------------------------------------------ tokenization and the differentiable path
-    def tokenize(self, texts: list[str], instruction: str | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded ``{"input_ids", "attention_mask"}`` on the model's device, ready for ``forward``."""
+    def tokenize(self, texts: list[str], instruction: str | list[str | None] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Left-padded ``{"input_ids", "attention_mask"}`` on the model's device, ready for ``forward``.
+
+        ``instruction``: one for all texts, or a list with one (or None) per text (training rows).
+        """
         texts = validate_texts(texts)
         if not texts:
             raise ValueError("texts is empty")
         return self._pad(self._token_ids(texts, instruction))
 
-    def _token_ids(self, texts: list[str], instruction: str | None) -> list[list[int]]:
+    def _token_ids(self, texts: list[str], instruction) -> list[list[int]]:
         return token_ids(self.tokenizer, texts, instruction, self.max_length,
                          append_eos=self.method == "causal-eos", query_format=self.query_format)
 
@@ -182,13 +186,13 @@ class GIRCSE(nn.Module):
         return pooled.unsqueeze(1) if return_all_steps else pooled
 
     # ------------------------------------------------------------------ inference
-    def encode(self, texts, instruction: str | None = None, *, k: int | None = None, batch_size: int = 32,
+    def encode(self, texts, instruction: str | list[str | None] | None = None, *, k: int | None = None, batch_size: int = 32,
                normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                show_progress_bar: bool | None = None, return_all_steps: bool = False):
         """Embed texts: ``[n, d]`` (``[n, k, d]`` with ``return_all_steps``; a single str gives ``[d]``).
 
         Queries take ``instruction`` in the format ``"Instruct: {instruction}\\nQuery: {text}"``; no
-        instruction embeds the text alone. Texts are sorted by length (longest first) so batches
+        instruction embeds the text alone; a list gives one instruction (or None) per text. Texts are sorted by length (longest first) so batches
         carry little padding; the output is in the input order. fp32 output.
         """
         single = isinstance(texts, str)

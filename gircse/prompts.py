@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["QUERY_FORMAT", "format_input", "left_pad", "token_ids", "validate_texts"]
+__all__ = ["QUERY_FORMAT", "format_input", "left_pad", "per_text_instructions", "token_ids", "validate_texts"]
 
 # The paper's query format; documents (and queries without an instruction) are the text alone.
 QUERY_FORMAT = "Instruct: {instruction}\nQuery: {text}"
@@ -58,10 +58,23 @@ def _truncate_text_tokens(ids: list[int], offsets: list[tuple[int, int]], prefix
     return kept
 
 
-def token_ids(tokenizer, texts: list[str], instruction: str | None, max_length: int, *,
+def per_text_instructions(instruction, n: int) -> list[str | None]:
+    """One instruction per text: a str (or None) applies to all; a list gives one each (None: no instruction)."""
+    if instruction is None or isinstance(instruction, str):
+        return [instruction] * n
+    if isinstance(instruction, Sequence):
+        instructions = list(instruction)
+        if len(instructions) != n:
+            raise ValueError(f"got {len(instructions)} instructions for {n} texts")
+        return instructions
+    raise TypeError(f"instruction must be a str, a list of str/None, or None; got {type(instruction).__name__}")
+
+
+def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,
               append_eos: bool = False, query_format: str = QUERY_FORMAT) -> list[list[int]]:
     """Token ids per text: tokenizer defaults (``add_special_tokens=True``), no chat template.
 
+    ``instruction``: a str or None for all texts, or a list with one (str or None) per text.
     Inputs longer than ``max_length`` lose tokens from the end of the text; the instruction and any
     special tokens are kept. ``append_eos`` (Causal-EOS) adds the EOS id after everything, within
     ``max_length``.
@@ -73,7 +86,9 @@ def token_ids(tokenizer, texts: list[str], instruction: str | None, max_length: 
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("method 'causal-eos' needs a tokenizer with an eos_token")
-    prompts, prefixes = zip(*(format_input(t, instruction, query_format) for t in texts)) if texts else ((), ())
+    instructions = per_text_instructions(instruction, len(texts))
+    formatted = [format_input(t, i, query_format) for t, i in zip(texts, instructions)]
+    prompts, prefixes = zip(*formatted) if formatted else ((), ())
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     budget = max_length - (1 if append_eos else 0)
     result = []

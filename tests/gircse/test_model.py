@@ -195,3 +195,14 @@ def test_smollm2_alias_resolves_to_packaged_gguf():
     path, gguf = loading.resolve_model_source("SmolLM2-135M")
     assert os.path.isfile(os.path.join(path, gguf)) and gguf.endswith(".gguf")
     assert loading.resolve_model_source("some/dir") == ("some/dir", None)
+
+
+def test_per_text_instructions(make_tiny):
+    """Training rows carry their own instruction: a list gives one (or None) per text."""
+    model = make_tiny("llama", k=2)
+    mixed = model.encode(TEXTS, ["Find news", None, "Find weather"])
+    np.testing.assert_allclose(mixed[0], model.encode([TEXTS[0]], "Find news")[0], atol=2e-5)
+    np.testing.assert_allclose(mixed[1], model.encode([TEXTS[1]])[0], atol=2e-5)
+    np.testing.assert_allclose(mixed[2], model.encode([TEXTS[2]], "Find weather")[0], atol=2e-5)
+    with pytest.raises(ValueError, match="2 instructions for 3 texts"):
+        model.encode(TEXTS, ["a", "b"])
