@@ -34,9 +34,15 @@ DEMO_INSTRUCTION = "Given a question, retrieve passages that answer it"
 
 def _load(args):
     import gircse
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # GGUF de-quantization bars would drown the CLI's own output
 
     if args.model in (None, "default"):
-        return gircse.load_default(k=args.k, device=args.device)
+        if args.adapter is not None:
+            raise SystemExit("gircse: --adapter needs --model (the base model it was trained on)")
+        return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,
+                                   max_length=args.max_length)
     return gircse.GIRCSE.from_pretrained(args.model, method=args.method, k=args.k, adapter=args.adapter,
                                          device=args.device, dtype=args.dtype, max_length=args.max_length)
 

@@ -300,14 +300,16 @@ def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, c
     return (best_vals - lse[:, None]).exp(), best_ids
 
 
-def load_default(*, device=None, dtype=None, k: int | None = None) -> GIRCSE:
-    """SmolLM2-135M with the shipped GIRCSE adapter (``gircse/default_adapter/``).
-
-    Until the training issue ships that adapter, the untrained base model (with a warning).
+def load_default(*, method: str | None = None, k: int | None = None, device=None, dtype=None,
+                 max_length: int | None = None) -> GIRCSE:
+    """SmolLM2-135M with the shipped GIRCSE adapter (``gircse/default_adapter/``, a directory written by
+    ``GIRCSE.save_pretrained``). Until the training issue ships it: the untrained base model, with a warning.
+    Arguments left as None take the shipped configuration's values.
     """
+    kwargs = dict(method=method, k=k, device=device, dtype=dtype, max_length=max_length)
     if loading.is_gircse_dir(loading.DEFAULT_ADAPTER_DIR):
-        return GIRCSE.from_pretrained(loading.DEFAULT_ADAPTER_DIR, device=device, dtype=dtype, k=k)
+        return GIRCSE.from_pretrained(loading.DEFAULT_ADAPTER_DIR, **kwargs)
     warnings.warn("gircse: no trained adapter is shipped yet (gircse/default_adapter/); load_default() returns "
                   "the raw SmolLM2-135M base model with GIRCSE generation, untrained for embeddings.",
                   UserWarning, stacklevel=2)
-    return GIRCSE.from_pretrained("smollm2-135m", device=device, dtype=dtype, k=k)
+    return GIRCSE.from_pretrained("smollm2-135m", **kwargs)
