@@ -9,6 +9,8 @@ subcommand is one function pair and one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import sys
 import time
 
@@ -32,19 +34,38 @@ DEMO_QUERIES = [
 DEMO_INSTRUCTION = "Given a question, retrieve passages that answer it"
 
 
-def _load(args):
-    import gircse
+@contextlib.contextmanager
+def _quiet_loading():
+    """Hide transformers' loading bars (the GGUF de-quantization bar is a bare tqdm) in CLI output."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # GGUF de-quantization bars would drown the CLI's own output
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        hf_logging.enable_progress_bar()
 
-    if args.model in (None, "default"):
-        if args.adapter is not None:
-            raise SystemExit("gircse: --adapter needs --model (the base model it was trained on)")
-        return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,
-                                   max_length=args.max_length)
-    return gircse.GIRCSE.from_pretrained(args.model, method=args.method, k=args.k, adapter=args.adapter,
-                                         device=args.device, dtype=args.dtype, max_length=args.max_length)
+
+def _load(args):
+    import gircse
+
+    with _quiet_loading():
+        if args.model in (None, "default"):
+            if args.adapter is not None:
+                raise SystemExit("gircse: --adapter needs --model (the base model it was trained on)")
+            return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,
+                                       max_length=args.max_length)
+        return gircse.GIRCSE.from_pretrained(args.model, method=args.method, k=args.k, adapter=args.adapter,
+                                             device=args.device, dtype=args.dtype, max_length=args.max_length)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +108,11 @@ def run_demo(args) -> int:
     hits = sum(int(scores[q].argmax() == d) for q, d in expected.items())
     n = len(DEMO_DOCUMENTS) + len(DEMO_QUERIES)
     print(f"\ntop-1 correct: {hits}/{len(expected)} | embedded {n} texts in {encoded - loaded:.2f} s")
+    if model.method == "gircse":
+        # The paper's Table 4 view: what each soft token "says" (top tokens of s_k).
+        print(f"\nsoft tokens generated for: {DEMO_DOCUMENTS[0]}")
+        for step, tokens in enumerate(model.explain(DEMO_DOCUMENTS[0], k=min(model.k, 5), top=5), start=1):
+            print(f"  s_{step}: " + "  ".join(f"{tok!r} {p:.2f}" for tok, p in tokens))
     return 0
 
 
