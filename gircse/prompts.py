@@ -1,7 +1,7 @@
 """Input validation, the instruction prompt format, truncation that keeps the instruction, left padding."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -13,14 +13,15 @@ QUERY_FORMAT = "Instruct: {instruction}\nQuery: {text}"
 
 def validate_texts(texts) -> list[str]:
     """A list of non-empty strings, or a clear error naming the first bad item."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+    texts = list(texts)  # tuples, numpy arrays of str, generators
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}: {text!r:.60}")
         if not text.strip():
             raise ValueError(f"texts[{index}] is empty (or only whitespace); an empty text has no embedding")
-    return list(texts)
+    return texts
 
 
 def format_input(text: str, instruction: str | None = None, query_format: str = QUERY_FORMAT) -> tuple[str, int]:
