@@ -21,7 +21,7 @@ def validate_texts(texts) -> list[str]:
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}: {text!r:.60}")
         if not text.strip():
             raise ValueError(f"texts[{index}] is empty (or only whitespace); an empty text has no embedding")
-    return texts
+    return [str(text) for text in texts]  # plain str (numpy.str_ and other subclasses)
 
 
 def format_input(text: str, instruction: str | None = None, query_format: str = QUERY_FORMAT) -> tuple[str, int]:
