@@ -206,3 +206,38 @@ def test_per_text_instructions(make_tiny):
     np.testing.assert_allclose(mixed[2], model.encode([TEXTS[2]], "Find weather")[0], atol=2e-5)
     with pytest.raises(ValueError, match="2 instructions for 3 texts"):
         model.encode(TEXTS, ["a", "b"])
+
+
+def test_no_full_vocabulary_logits(make_tiny):
+    """encode / forward / explain never call the LM head: soft tokens go through the fused op and
+    explain streams the vocabulary in chunks, so no [B, V] tensor is built."""
+    model = make_tiny("qwen2", k=2)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the LM head must not be called")
+
+    model.model.lm_head.forward = forbidden
+    model.encode(TEXTS)
+    model.explain(TEXTS[0], k=2, top=3)
+
+
+def test_lora_parameters_receive_gradients_through_generation(make_tiny):
+    model = make_tiny("llama", k=3)
+    model.model = _lora(model.model)
+    model.train()
+    emb = model(**model.tokenize(TEXTS[:2], "Find it"), return_all_steps=True)
+    emb.pow(2).sum().backward()
+    lora_grads = [p.grad for name, p in model.model.named_parameters() if "lora_A" in name]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    frozen = [p for name, p in model.model.named_parameters() if "lora" not in name]
+    assert all(p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize("method", ["gircse", "causal-eos", "bidirectional-avg"])
+def test_bfloat16_model_encodes(make_tiny, method):
+    model = make_tiny("llama", method=method, k=2)
+    reference = model.encode(TEXTS)
+    model.model.to(torch.bfloat16)
+    low = model.encode(TEXTS)
+    assert low.dtype == np.float32
+    assert (low * reference).sum(axis=1).min() > 0.95  # cosine with the fp32 embedding
