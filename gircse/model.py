@@ -78,7 +78,9 @@ class GIRCSE(nn.Module):
         adapter_dir = adapter
         if loading.is_gircse_dir(name_or_path):
             saved = loading.read_config(name_or_path)
-            base = saved["base_model"]
+            base = saved.get("base_model")
+            if not isinstance(base, str) or not base:
+                raise ValueError(f"{os.path.join(name_or_path, loading.CONFIG_FILE)} has no base_model")
             if not os.path.isabs(base) and os.path.isdir(os.path.join(name_or_path, base)):
                 base = os.path.join(name_or_path, base)  # base weights saved inside the directory
             if adapter_dir is None and os.path.isfile(os.path.join(name_or_path, loading.ADAPTER_CONFIG_FILE)):
