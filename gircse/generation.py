@@ -15,13 +15,22 @@ is that naive loop, kept as the test oracle).
 
 Batches are left padded so the last column is every row's last real token; ``position_ids`` count
 real tokens only, so a padded row sees the same positions (rotary phases) as the row alone.
+
+The KV cache is rebuilt per decoder call from the previous call's keys/values (``_ReplaySafeLayer``):
+each call appends to a *fixed* past instead of mutating a shared cache. That is what makes the cache
+compatible with gradient checkpointing: transformers' checkpointed layers replay their forward during
+backward, and a replay must see exactly the keys the forward saw (a shared, growing cache would hand
+it the keys of every later step too, which is why transformers drops the cache under checkpointing).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 
 from gircse_kernels import SoftTokenEmbedding
 
@@ -71,15 +80,77 @@ def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _checkpointing_drops_cache(decoder: nn.Module) -> bool:
-    """transformers drops the KV cache inside checkpointed layers when training with grad enabled."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(getattr(m, "gradient_checkpointing", False) and m.training
-               for m in decoder.modules() if m is not decoder)
+class _ReplaySafeLayer(DynamicLayer):
+    """One layer's KV cache for one decoder call: ``keys = cat(past, new)`` from a past fixed at creation.
+
+    ``update`` is idempotent, so a gradient-checkpoint replay of the layer during backward gets the
+    same keys/values as the forward did. The concatenation keeps the autograd graph to the past.
+    """
+
+    def __init__(self, past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.past = past
+        if past is not None:
+            self.keys, self.values = past
+            self.device, self.is_initialized = past[0].device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.past is None:
+            keys, values = key_states, value_states
+        else:
+            keys = torch.cat([self.past[0], key_states], dim=-2)
+            values = torch.cat([self.past[1], value_states], dim=-2)
+        self.keys, self.values = keys, values
+        self.device, self.is_initialized = keys.device, True
+        return keys, values
 
 
-_warned_checkpointing = False
+def _decoder_call(decoder: nn.Module, past: list | None, **inputs) -> tuple[torch.Tensor, list]:
+    """Run the backbone on new positions after ``past`` (per-layer (keys, values), or None for the
+    prefill); return ``(last_hidden_state, keys/values including the new positions)``."""
+    n_layers = decoder.config.num_hidden_layers
+    cache = Cache(layers=[_ReplaySafeLayer(None if past is None else past[i]) for i in range(n_layers)])
+    # use_cache=False only stops the model from creating a cache of its own (and from warning that
+    # checkpointing disables caching); attention layers use any cache they are given.
+    out = decoder(**inputs, cache=cache, use_cache=False)
+    return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+_warned_reentrant = False
+
+
+@contextlib.contextmanager
+def _cache_through_checkpointed_layers(decoder: nn.Module):
+    """Let checkpointed layers keep the cache (transformers drops it unless the layer declares it safe).
+
+    Reentrant checkpointing only propagates gradients to the layer's positional tensor arguments, so
+    gradients through the cached keys/values (a keyword argument) would be silently lost: for these
+    calls the layers use non-reentrant checkpointing instead.
+    """
+    global _warned_reentrant
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    allowed = [m for m in layers if "_can_checkpoint_with_cache" not in vars(m)]
+    for m in allowed:
+        m._can_checkpoint_with_cache = True  # safe: _ReplaySafeLayer.update is idempotent
+    reentrant = [m for m in layers
+                 if getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {}).get("use_reentrant")]
+    originals = [m._gradient_checkpointing_func for m in reentrant]
+    if reentrant and not _warned_reentrant:
+        warnings.warn("gircse: reentrant gradient checkpointing would drop gradients through the KV cache; "
+                      "soft-token generation uses use_reentrant=False.", RuntimeWarning, stacklevel=4)
+        _warned_reentrant = True
+    for m, original in zip(reentrant, originals):
+        m._gradient_checkpointing_func = functools.partial(
+            original.func, *original.args, **{**original.keywords, "use_reentrant": False})
+    try:
+        yield
+    finally:
+        for m in allowed:
+            del m._can_checkpoint_with_cache
+        for m, original in zip(reentrant, originals):
+            m._gradient_checkpointing_func = original
 
 
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> None:
@@ -116,46 +187,32 @@ def generate_soft_tokens(
     the final-layer state at that position (g_j, which also yields d_{j+1}).
 
     Autograd: called with grad enabled, the graph runs through the cached keys/values, so training
-    backprops through every step at the cost of one pass over the input. Exception: transformers
-    drops the cache inside gradient-checkpointed layers, so with gradient checkpointing active
-    (training mode, grad enabled) this falls back to the uncached algorithm (same result, K+1 full
-    forwards) with a one-time warning.
+    backprops through every step at the cost of one pass over the input. Works with gradient
+    checkpointing (``model.gradient_checkpointing_enable()``): the per-call caches replay exactly.
     """
-    global _warned_checkpointing
     _check_inputs(input_ids, attention_mask, k)
     decoder = decoder_of(model)
     if soft_token_embedding is None:
         soft_token_embedding = soft_token_embedding_of(model)
-    if _checkpointing_drops_cache(decoder):
-        if not _warned_checkpointing:
-            warnings.warn("gircse: gradient checkpointing disables the KV cache in transformers; soft tokens "
-                          "are generated by full recomputation (uncached Algorithm 1) instead.",
-                          RuntimeWarning, stacklevel=2)
-            _warned_checkpointing = True
-        return generate_soft_tokens_uncached(model, soft_token_embedding, input_ids, attention_mask, k,
-                                             return_prefill_state=return_prefill_state)
-
     position_ids = left_padded_position_ids(attention_mask)
-    prefill = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=True)
-    cache = prefill.cache
-    # Left padding: column -1 is every row's last real token.
-    state = prefill.last_hidden_state[:, -1]
-    prefill_state = state
-    next_position = position_ids[:, -1:] + 1
-    mask = attention_mask
-    one_more = attention_mask.new_ones(attention_mask.shape[0], 1)
-    embed_dtype = prefill.last_hidden_state.dtype
-    generated = []
-    for _ in range(k):
-        soft_token = soft_token_embedding(state)  # d_j = s_j @ E, [B, d_e]
-        mask = torch.cat([mask, one_more], dim=1)
-        step = decoder(inputs_embeds=soft_token.unsqueeze(1).to(embed_dtype), attention_mask=mask,
-                       position_ids=next_position, cache=cache, use_cache=True)
-        cache = step.cache
-        state = step.last_hidden_state[:, -1]  # g_j: the state at d_j's position
-        generated.append(state)
-        next_position = next_position + 1
+    with _cache_through_checkpointed_layers(decoder):
+        hidden, past = _decoder_call(decoder, None, input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids)
+        # Left padding: column -1 is every row's last real token.
+        state = prefill_state = hidden[:, -1]
+        embed_dtype = hidden.dtype
+        next_position = position_ids[:, -1:] + 1
+        mask = attention_mask
+        one_more = attention_mask.new_ones(attention_mask.shape[0], 1)
+        generated = []
+        for _ in range(k):
+            soft_token = soft_token_embedding(state)  # d_j = s_j @ E, [B, d_e]
+            mask = torch.cat([mask, one_more], dim=1)
+            hidden, past = _decoder_call(decoder, past, inputs_embeds=soft_token.unsqueeze(1).to(embed_dtype),
+                                         attention_mask=mask, position_ids=next_position)
+            state = hidden[:, -1]  # g_j: the state at d_j's position
+            generated.append(state)
+            next_position = next_position + 1
     generated = torch.stack(generated, dim=1)
     return (generated, prefill_state) if return_prefill_state else generated
 

@@ -132,21 +132,46 @@ def test_causal_eos_appends_eos_and_takes_its_state(make_tiny):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_falls_back_to_uncached(make_tiny):
-    """transformers drops the cache in checkpointed layers; generation must still be Algorithm 1."""
-    gircse = make_tiny("llama")
+@pytest.mark.parametrize("family,reentrant", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_generation_under_gradient_checkpointing(family, reentrant, make_tiny):
+    """transformers drops a shared cache inside checkpointed layers; the per-call replay-safe caches
+    keep it: same values as the uncached algorithm, same gradients as without checkpointing, and the
+    layers really were replayed."""
+    gircse = make_tiny(family)
     batch = gircse.tokenize(TEXTS[:2])
+    weights = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = generate_soft_tokens_uncached(gircse.model, None, **batch, k=3)
-    gircse.model.gradient_checkpointing_enable()
+
+    def run():
+        gircse.model.zero_grad()
+        out = generate_soft_tokens(gircse.model, None, **batch, k=3)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in gircse.model.named_parameters()}
+
+    plain_out, plain_grads = run()
+    gircse.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     gircse.model.train()
-    with pytest.warns(RuntimeWarning, match="gradient checkpointing"):
+    attention_calls = []
+    hook = gircse.model.model.layers[0].self_attn.register_forward_hook(lambda *a: attention_calls.append(1))
+    if reentrant:  # reentrant checkpointing would lose the gradients through the cache: switched off, warned
         import gircse.generation as generation
 
-        generation._warned_checkpointing = False
-        got = generate_soft_tokens(gircse.model, None, **batch, k=3)
-    got.sum().backward()
-    torch.testing.assert_close(got.detach(), expected, atol=2e-5, rtol=1e-5)
+        generation._warned_reentrant = False
+        with pytest.warns(RuntimeWarning, match="reentrant"):
+            ckpt_out, ckpt_grads = run()
+    else:
+        ckpt_out, ckpt_grads = run()
+    hook.remove()
+    assert len(attention_calls) == 2 * (1 + 3), "each of the 4 decoder calls runs forward + a backward replay"
+    torch.testing.assert_close(ckpt_out, expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ckpt_out, plain_out, atol=1e-6, rtol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # The switch is local to the call: layers are back to transformers' default afterwards.
+    assert all("_can_checkpoint_with_cache" not in vars(m) for m in gircse.model.modules())
+    layer_func = gircse.model.model.layers[0]._gradient_checkpointing_func
+    assert layer_func.keywords["use_reentrant"] is reentrant
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
