@@ -134,7 +134,8 @@ def _cache_through_checkpointed_layers(decoder: nn.Module):
     allowed = [m for m in layers if "_can_checkpoint_with_cache" not in vars(m)]
     for m in allowed:
         m._can_checkpoint_with_cache = True  # safe: _ReplaySafeLayer.update is idempotent
-    reentrant = [m for m in layers
+    checkpointing = [m for m in layers if m.gradient_checkpointing and m.training and torch.is_grad_enabled()]
+    reentrant = [m for m in checkpointing
                  if getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {}).get("use_reentrant")]
     originals = [m._gradient_checkpointing_func for m in reentrant]
     if reentrant and not _warned_reentrant:
