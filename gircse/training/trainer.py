@@ -1,0 +1,334 @@
+"""The contrastive LoRA trainer: GIRCSE (ICR loss over z_1..z_K) and the baselines (plain InfoNCE).
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows per rank. Each micro-batch is a
+contrastive batch of its own: ``batch_size * world_size`` queries against every positive and every hard
+negative of the micro-batch on all ranks.
+
+Per micro-batch (``embed_chunk=None``: direct; an int: GradCache):
+
+* direct: embed queries (with their instruction), positives and hard negatives with the autograd
+  graph, gather across ranks, loss, backward;
+* GradCache (Gao et al. 2021): embed everything without a graph in chunks of ``embed_chunk`` texts,
+  compute the loss on leaf copies and take d loss / d embeddings, then re-embed chunk by chunk *with*
+  the graph and backpropagate each chunk's embedding gradient. Peak activation memory is one chunk,
+  whatever the batch; the gradients are those of the direct computation (tested). Requires a
+  deterministic forward (LoRA dropout 0, the default).
+
+GIRCSE embeddings come from ``GIRCSE.forward(..., return_all_steps=True)``, i.e. ``generate_soft_tokens``:
+the input is prefilled once and the K soft tokens are fed one position at a time through the KV cache,
+with the graph kept through the cache (a test proves the gradients equal those of uncached Algorithm 1).
+Similarities and the loss are fp32 even under bf16 autocast (``gircse.losses``).
+
+Data are read in file order (the shipped sets are pre-shuffled), streamed; ``resume`` skips the rows
+already consumed, so a resumed run sees exactly the rows, optimizer and scheduler state an uninterrupted
+run would.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..data.jsonl import count_rows, iter_rows
+from ..losses import icr_loss
+from . import distributed as D
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainConfig", "apply_lora", "batch_gradients", "embed_texts", "train", "trainable_parameters"]
+
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Paper defaults: LoRA r=64, alpha=32 on all linear layers, lr 1e-5 with 10% warmup, tau 0.02,
+    lambda 1, K=5, one epoch."""
+    method: str = "gircse"              # gircse | causal-eos | bidirectional-avg
+    k: int = 5                          # soft tokens during training (gircse)
+    temperature: float = 0.02
+    lam: float = 1.0                    # ICR regularizer weight (gircse)
+    lr: float = 1e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None        # stop early (after this many optimizer steps)
+    batch_size: int = 16                # rows per rank per micro-batch
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    num_negatives: int = 1              # hard negatives per row (the first ones in "neg")
+    embed_chunk: int | None = None      # GradCache chunk size in texts; None = direct
+    max_length: int = 256
+    lora_r: int = 64
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    gradient_checkpointing: bool = False
+    bf16: bool = False                  # bf16 autocast for the model's forward/backward
+    max_grad_norm: float | None = None
+    checkpoint_every: int = 50          # optimizer steps between checkpoints (0: only the final one)
+    seed: int = 0
+    progress: bool = True
+    log_every: int = 1
+    _kill_after_step: int | None = None  # tests: SIGKILL this process after that optimizer step
+
+    def validate(self) -> "TrainConfig":
+        from ..model import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("k", "batch_size", "grad_accum", "epochs", "max_length", "lora_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.num_negatives < 0:
+            raise ValueError("num_negatives must be >= 0")
+        if self.embed_chunk is not None and self.embed_chunk < 1:
+            raise ValueError("embed_chunk must be >= 1 (or None for no GradCache)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        return self
+
+    def public(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------- model preparation
+def apply_lora(model, config: TrainConfig):
+    """Attach a fresh LoRA adapter to ``model.model`` (a GIRCSE), seeded; no-op if one is attached."""
+    if hasattr(model.model, "peft_config"):
+        for name, p in model.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, bias="none")
+    model.model = get_peft_model(model.model, lora)
+    return model
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.model.named_parameters() if p.requires_grad}
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------- one contrastive batch
+def embed_texts(model, texts: list[str], instructions: list[str | None], config: TrainConfig) -> torch.Tensor:
+    """``[n, S, d]`` embeddings (S = K for gircse: z_1..z_K; 1 for the baselines), graph kept if enabled."""
+    batch = model.tokenize(texts, instructions)
+    with _autocast(config, batch["input_ids"].device):
+        return model(**batch, k=config.k if config.method == "gircse" else None, return_all_steps=True)
+
+
+def _batch_texts(rows: list[dict], config: TrainConfig) -> tuple[list[str], list[str | None], int]:
+    texts = [r["query"] for r in rows] + [r["pos"][0] for r in rows]
+    instructions = [r["instruction"] for r in rows] + [None] * len(rows)
+    for r in rows:
+        negs = r["neg"][:config.num_negatives]
+        if len(negs) < config.num_negatives:
+            raise ValueError(f"row at line {r.get('_line', '?')} has {len(r['neg'])} hard negatives; "
+                             f"num_negatives={config.num_negatives}")
+        texts += negs
+        instructions += [None] * len(negs)
+    return texts, instructions, len(rows)
+
+
+def _loss_from_embeddings(emb: torch.Tensor, n_rows: int, config: TrainConfig):
+    """Split local embeddings [n, S, d] into q/p/n, gather over ranks, ICR loss (plain InfoNCE for S=1)."""
+    q, p = emb[:n_rows], emb[n_rows:2 * n_rows]
+    neg = emb[2 * n_rows:].reshape(n_rows, config.num_negatives, *emb.shape[1:]) if config.num_negatives else None
+    q, p = D.all_gather_with_grad(q), D.all_gather_with_grad(p)
+    if neg is not None:
+        neg = D.all_gather_with_grad(neg)
+    lam = config.lam if config.method == "gircse" else 0.0
+    return icr_loss(q, p, neg, temperature=config.temperature, lam=lam)
+
+
+def batch_gradients(model, rows: list[dict], config: TrainConfig, *, scale: float = 1.0):
+    """Accumulate ``scale * d loss / d params`` of one contrastive micro-batch (this rank's ``rows``)
+    into ``.grad``; returns ``(loss, per_step)`` detached. Direct or GradCache per ``config.embed_chunk``."""
+    texts, instructions, n_rows = _batch_texts(rows, config)
+    if config.embed_chunk is None:
+        emb = embed_texts(model, texts, instructions, config)
+        loss, per_step = _loss_from_embeddings(emb, n_rows, config)
+        (loss * scale).backward()
+        return loss.detach(), per_step.detach()
+    chunk = config.embed_chunk
+    spans = [(s, min(s + chunk, len(texts))) for s in range(0, len(texts), chunk)]
+    with torch.no_grad():
+        cached = torch.cat([embed_texts(model, texts[a:b], instructions[a:b], config) for a, b in spans])
+    leaf = cached.detach().requires_grad_(True)
+    loss, per_step = _loss_from_embeddings(leaf, n_rows, config)
+    (loss * scale).backward()
+    grad = leaf.grad
+    for a, b in spans:
+        emb = embed_texts(model, texts[a:b], instructions[a:b], config)
+        emb.backward(grad[a:b].to(emb.dtype))
+    return loss.detach(), per_step.detach()
+
+
+# ---------------------------------------------------------------------- the loop
+def _micro_batches(path: str, config: TrainConfig, skip_rows: int, world: int, rank: int) -> Iterator[list[dict]]:
+    """This rank's slice of each global micro-batch (``batch_size * world`` rows), file order, epochs
+    chained; incomplete trailing batches are dropped. ``skip_rows`` counts global rows already used."""
+    global_batch = config.batch_size * world
+    epoch_rows = (count_rows(path) // (global_batch * config.grad_accum)) * global_batch * config.grad_accum
+    for epoch in range(config.epochs):
+        start = epoch * epoch_rows
+        if skip_rows >= start + epoch_rows:
+            continue
+        skip = max(skip_rows - start, 0)
+        used, buffer = skip, []
+        for row in iter_rows(path, skip=skip, min_neg=config.num_negatives):
+            if used >= epoch_rows:
+                break
+            buffer.append(row)
+            used += 1
+            if len(buffer) == global_batch:
+                yield buffer[rank * config.batch_size:(rank + 1) * config.batch_size]
+                buffer = []
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _rewrite_log(path: str, keep_through_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_through_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+def train(model, data: str, out: str, config: TrainConfig | None = None, *, resume: bool = False, **overrides):
+    """Train ``model`` (a ``GIRCSE`` or a name/path for ``GIRCSE.from_pretrained``) on a JSONL file.
+
+    Writes to ``out``: ``checkpoint.safetensors`` (every ``checkpoint_every`` steps and at the end),
+    ``train_log.jsonl`` (one line per step: loss, L_1..L_K, lr, seconds), ``train_config.json`` and, when
+    the model has a base-model reference, the trained GIRCSE directory (``gircse_config.json`` + peft
+    adapter; load with ``GIRCSE.from_pretrained(out)``). ``resume=True`` continues from the checkpoint
+    with the same data order, optimizer, scheduler and RNG. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
+    process group is initialized (gloo on CPU) and negatives span all ranks. Returns the model.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    owns_group = D.setup_from_env()
+    world, rank = D.world_size(), D.rank()
+    try:
+        if isinstance(model, str):
+            from ..model import GIRCSE
+
+            model = GIRCSE.from_pretrained(model, method=config.method, k=config.k, max_length=config.max_length)
+        model.method, model.k, model.max_length = config.method, config.k, config.max_length
+        apply_lora(model, config)
+        model.train()
+        if config.gradient_checkpointing:
+            from ..generation import base_causal_lm
+
+            base_causal_lm(model.model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = trainable_parameters(model)
+        optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+        rows_per_step = config.batch_size * world * config.grad_accum
+        steps_per_epoch = count_rows(data) // rows_per_step
+        if steps_per_epoch == 0:
+            raise ValueError(f"{data}: fewer rows than one optimizer step needs ({rows_per_step})")
+        total = steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        warmup = math.ceil(config.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
+        os.makedirs(out, exist_ok=True)
+        ckpt_path, log_path = os.path.join(out, CHECKPOINT_FILE), os.path.join(out, LOG_FILE)
+        step = 0
+        if resume and os.path.exists(ckpt_path):
+            info = load_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler)
+            saved = info["config"]
+            for key in ("method", "k", "batch_size", "grad_accum", "num_negatives", "epochs", "lora_r"):
+                if saved.get(key) != getattr(config, key):
+                    raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)!r}, this run {getattr(config, key)!r}")
+            if info.get("world_size", 1) != world:
+                raise ValueError(f"--resume: checkpoint was written with {info.get('world_size')} ranks, now {world}")
+            step = info["step"]
+            if rank == 0:
+                _rewrite_log(log_path, step)
+        elif rank == 0:
+            if os.path.exists(log_path):
+                os.remove(log_path)
+            with open(os.path.join(out, "train_config.json"), "w", encoding="utf-8") as f:
+                json.dump({**config.public(), "data": os.path.abspath(data), "world_size": world,
+                           "total_steps": total, "warmup_steps": warmup}, f, indent=2)
+
+        def checkpoint():
+            if rank == 0:
+                save_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler,
+                                info={"step": step, "rows_consumed": step * rows_per_step, "world_size": world,
+                                      "config": config.public(), "total_steps": total})
+            if D.is_distributed():
+                torch.distributed.barrier()
+
+        batches = _micro_batches(data, config, step * rows_per_step, world, rank)
+        bar = None
+        if config.progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=step, desc=f"train {config.method}", unit="step", file=sys.stderr)
+        while step < total:
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            losses, steps_l = [], []
+            for _ in range(config.grad_accum):
+                rows = next(batches)
+                loss, per_step = batch_gradients(model, rows, config, scale=1.0 / config.grad_accum)
+                losses.append(loss)
+                steps_l.append(per_step)
+            D.all_reduce_gradients(params.values())
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss = torch.stack(losses).mean().item()
+            per_step = torch.stack(steps_l).mean(0).tolist()
+            if rank == 0:
+                if step % config.log_every == 0 or step == total:
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": step, "loss": loss, "L": per_step, "lr": lr,
+                                            "seconds": round(time.perf_counter() - started, 4)}) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", L_K=f"{per_step[-1]:.4f}")
+            if config._kill_after_step is not None and step == config._kill_after_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step == total or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint()
+        if bar is not None:
+            bar.close()
+        model.eval()
+        if rank == 0 and model.base_model is not None:
+            model.save_pretrained(out)
+        return model
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
