@@ -1,0 +1,92 @@
+"""A run SIGKILLed mid-way and resumed ends with exactly the weights (and optimizer state) of an
+uninterrupted run; the JSONL log has every step once. Run as a script, this file is the killed run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+CFG = dict(k=2, batch_size=2, grad_accum=1, lora_r=4, lora_alpha=8, lr=5e-3, num_negatives=1,
+           checkpoint_every=2, progress=False, max_length=48)
+
+
+def run(tokenizer, data, out, **kw):
+    from gircse import GIRCSE
+    from gircse.training import TrainConfig, train
+    from tests.gircse.conftest import tiny_causal_lm
+
+    model = GIRCSE(tiny_causal_lm("llama", seed=0), tokenizer, k=2, max_length=48)
+    resume = kw.pop("resume", False)
+    return train(model, data, out, TrainConfig(**CFG, **kw), resume=resume)
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(path).items() if not k.startswith("rng")}
+
+
+def test_kill_and_resume_equals_uninterrupted(smollm2_tokenizer, tmp_path):
+    from .test_training import make_rows, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", make_rows(11, seed=7))  # 5 steps of 2 rows (one row dropped)
+    tok_dir = str(tmp_path / "tok")
+    smollm2_tokenizer.save_pretrained(tok_dir)
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    run(smollm2_tokenizer, data, full)
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), tok_dir, data, killed, "3"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL after step 3 (checkpoint at step 2)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(killed, "checkpoint.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["info"])["step"] == 2
+    assert len(open(os.path.join(killed, "train_log.jsonl")).readlines()) == 3
+
+    run(smollm2_tokenizer, data, killed, resume=True)
+    a, b = _tensors(os.path.join(full, "checkpoint.safetensors")), _tensors(os.path.join(killed, "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_full = [json.loads(l) for l in open(os.path.join(full, "train_log.jsonl"))]
+    log_resumed = [json.loads(l) for l in open(os.path.join(killed, "train_log.jsonl"))]
+    assert [e["step"] for e in log_resumed] == [1, 2, 3, 4, 5]
+    assert [e["loss"] for e in log_resumed] == [e["loss"] for e in log_full]
+    assert [e["lr"] for e in log_resumed] == [e["lr"] for e in log_full]
+    # resuming a finished run is a no-op that keeps the weights
+    run(smollm2_tokenizer, data, killed, resume=True)
+    assert all(torch.equal(v, _tensors(os.path.join(killed, "checkpoint.safetensors"))[k]) for k, v in b.items())
+
+
+def test_resume_rejects_a_different_config(smollm2_tokenizer, tmp_path):
+    import pytest
+
+    from .test_training import make_rows, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", make_rows(4))
+    out = str(tmp_path / "o")
+    run(smollm2_tokenizer, data, out, max_steps=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        _resume_with(smollm2_tokenizer, data, out)
+
+
+def _resume_with(tokenizer, data, out):
+    from gircse import GIRCSE
+    from gircse.training import TrainConfig, train
+    from tests.gircse.conftest import tiny_causal_lm
+
+    model = GIRCSE(tiny_causal_lm("llama", seed=0), tokenizer, k=2, max_length=48)
+    train(model, data, out, TrainConfig(**{**CFG, "batch_size": 1}), resume=True)
+
+
+if __name__ == "__main__":
+    from transformers import AutoTokenizer
+
+    tok_dir, data, out, kill_after = sys.argv[1:5]
+    run(AutoTokenizer.from_pretrained(tok_dir), data, out, _kill_after_step=int(kill_after))
