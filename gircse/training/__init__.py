@@ -2,9 +2,28 @@
 
 ``train(model, data, out, TrainConfig(...))`` is the Python API; ``add_train_parser`` / ``run_train``
 (``gircse.training.cli``) the ``gircse train`` subcommand. See ``gircse.training.trainer`` for the loop,
-GradCache and resume; ``gircse.training.distributed`` for the torchrun all-gather.
+GradCache and resume; ``gircse.training.distributed`` for the torchrun all-gather. Names are imported
+on first access, so ``import gircse.training.cli`` (the CLI parser) does not import torch.
 """
-from .cli import add_train_arguments, add_train_parser, config_from_args, run_train
-from .trainer import TrainConfig, apply_lora, batch_gradients, embed_texts, train, trainable_parameters
+_LAZY = {
+    "TrainConfig": "gircse.training.config",
+    "add_train_arguments": "gircse.training.cli",
+    "add_train_parser": "gircse.training.cli",
+    "config_from_args": "gircse.training.cli",
+    "run_train": "gircse.training.cli",
+    "apply_lora": "gircse.training.trainer",
+    "batch_gradients": "gircse.training.trainer",
+    "embed_texts": "gircse.training.trainer",
+    "train": "gircse.training.trainer",
+    "trainable_parameters": "gircse.training.trainer",
+}
 
-__all__ = ["TrainConfig", "add_train_arguments", "add_train_parser", "config_from_args", "run_train", "apply_lora", "batch_gradients", "embed_texts", "train", "trainable_parameters"]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gircse.training' has no attribute {name!r}")

@@ -14,7 +14,7 @@ __all__ = ["add_train_arguments", "add_train_parser", "config_from_args", "run_t
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     d = TrainConfig()
     parser.add_argument("--model", default="smollm2-135m", help="base causal LM: 'smollm2-135m', a path or hub id")
@@ -59,7 +59,7 @@ def add_train_parser(sub) -> None:
 
 
 def config_from_args(args):
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     targets = args.lora_target_modules
     if targets != "all-linear":

@@ -41,62 +41,11 @@ from ..data.jsonl import count_rows, iter_rows
 from ..losses import icr_loss
 from . import distributed as D
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 
 __all__ = ["TrainConfig", "apply_lora", "batch_gradients", "embed_texts", "train", "trainable_parameters"]
 
 LOG_FILE = "train_log.jsonl"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Paper defaults: LoRA r=64, alpha=32 on all linear layers, lr 1e-5 with 10% warmup, tau 0.02,
-    lambda 1, K=5, one epoch."""
-    method: str = "gircse"              # gircse | causal-eos | bidirectional-avg
-    k: int = 5                          # soft tokens during training (gircse)
-    temperature: float = 0.02
-    lam: float = 1.0                    # ICR regularizer weight (gircse)
-    lr: float = 1e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    epochs: int = 1
-    max_steps: int | None = None        # stop early (after this many optimizer steps)
-    batch_size: int = 16                # rows per rank per micro-batch
-    grad_accum: int = 1                 # micro-batches per optimizer step
-    num_negatives: int = 1              # hard negatives per row (the first ones in "neg")
-    embed_chunk: int | None = None      # GradCache chunk size in texts; None = direct
-    max_length: int = 256
-    lora_r: int = 64
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str | list[str] = "all-linear"
-    gradient_checkpointing: bool = False
-    bf16: bool = False                  # bf16 autocast for the model's forward/backward
-    max_grad_norm: float | None = None
-    checkpoint_every: int = 50          # optimizer steps between checkpoints (0: only the final one)
-    seed: int = 0
-    progress: bool = True
-    log_every: int = 1
-    _kill_after_step: int | None = None  # tests: SIGKILL this process after that optimizer step
-
-    def validate(self) -> "TrainConfig":
-        from ..model import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("k", "batch_size", "grad_accum", "epochs", "max_length", "lora_r"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.num_negatives < 0:
-            raise ValueError("num_negatives must be >= 0")
-        if self.embed_chunk is not None and self.embed_chunk < 1:
-            raise ValueError("embed_chunk must be >= 1 (or None for no GradCache)")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
-        return self
-
-    def public(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
 
 
 # ---------------------------------------------------------------------- model preparation
@@ -157,26 +106,50 @@ def _loss_from_embeddings(emb: torch.Tensor, n_rows: int, config: TrainConfig):
     return icr_loss(q, p, neg, temperature=config.temperature, lam=lam)
 
 
+def _groups(texts: list[str], n_rows: int, chunk: int | None, default: int = 16) -> list[list[int]]:
+    """Index groups embedded by one forward each: queries and documents apart, each sorted by length
+    (left padding to the longest text of a group wastes little), ``chunk`` texts per group."""
+    size = chunk or default
+    groups = []
+    for indices in (range(n_rows), range(n_rows, len(texts))):
+        ordered = sorted(indices, key=lambda i: len(texts[i]))
+        groups += [ordered[s:s + size] for s in range(0, len(ordered), size)]
+    return groups
+
+
+def _embed_groups(model, texts, instructions, groups, config, out=None):
+    """Embed each group; returns ``[n, S, d]`` in the original text order."""
+    parts = [(g, embed_texts(model, [texts[i] for i in g], [instructions[i] for i in g], config)) for g in groups]
+    first = parts[0][1]
+    if out is None:
+        out = first.new_empty((len(texts),) + tuple(first.shape[1:]))
+    index = torch.tensor([i for g, _ in parts for i in g], device=first.device)
+    return out.index_copy(0, index, torch.cat([e for _, e in parts]))
+
+
 def batch_gradients(model, rows: list[dict], config: TrainConfig, *, scale: float = 1.0):
     """Accumulate ``scale * d loss / d params`` of one contrastive micro-batch (this rank's ``rows``)
-    into ``.grad``; returns ``(loss, per_step)`` detached. Direct or GradCache per ``config.embed_chunk``."""
+    into ``.grad``; returns ``(loss, per_step)`` detached. Direct or GradCache per ``config.embed_chunk``.
+
+    Texts are embedded in groups (queries and documents apart, sorted by length; ``embed_chunk`` texts
+    per group under GradCache, 16 otherwise) to keep padding low; the result is in row order.
+    """
     texts, instructions, n_rows = _batch_texts(rows, config)
+    groups = _groups(texts, n_rows, config.embed_chunk)
     if config.embed_chunk is None:
-        emb = embed_texts(model, texts, instructions, config)
+        emb = _embed_groups(model, texts, instructions, groups, config)
         loss, per_step = _loss_from_embeddings(emb, n_rows, config)
         (loss * scale).backward()
         return loss.detach(), per_step.detach()
-    chunk = config.embed_chunk
-    spans = [(s, min(s + chunk, len(texts))) for s in range(0, len(texts), chunk)]
     with torch.no_grad():
-        cached = torch.cat([embed_texts(model, texts[a:b], instructions[a:b], config) for a, b in spans])
+        cached = _embed_groups(model, texts, instructions, groups, config)
     leaf = cached.detach().requires_grad_(True)
     loss, per_step = _loss_from_embeddings(leaf, n_rows, config)
     (loss * scale).backward()
     grad = leaf.grad
-    for a, b in spans:
-        emb = embed_texts(model, texts[a:b], instructions[a:b], config)
-        emb.backward(grad[a:b].to(emb.dtype))
+    for group in groups:
+        emb = embed_texts(model, [texts[i] for i in group], [instructions[i] for i in group], config)
+        emb.backward(grad[torch.tensor(group, device=grad.device)].to(emb.dtype))
     return loss.detach(), per_step.detach()
 
 

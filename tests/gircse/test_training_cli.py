@@ -60,3 +60,26 @@ def test_cli_missing_data(tmp_path):
     args = _parser().parse_args(["train", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no such data file"):
         args.func(args)
+
+
+def test_methods_match_the_model_layer_and_parser_is_cheap():
+    import subprocess
+    import sys
+
+    from gircse.model import METHODS
+    from gircse.training.config import METHODS as TRAIN_METHODS
+
+    assert TRAIN_METHODS == METHODS
+    code = ("import argparse, sys, gircse.training.cli as c; p = argparse.ArgumentParser(); "
+            "c.add_train_parser(p.add_subparsers()); print('torch' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_gircse_cli_has_train():
+    from gircse.cli import build_parser
+    from gircse.training.cli import run_train
+
+    args = build_parser().parse_args(["train", "--out", "x", "--method", "causal-eos"])
+    assert args.func is run_train and args.method == "causal-eos"
