@@ -2,6 +2,7 @@
 
   gircse demo                                   embed a small corpus with the default model, search it
   gircse encode --instruction "..." < texts.txt > vectors.npy
+  gircse train --model smollm2-135m --data train.jsonl --method gircse --k 5 --out runs/x
 
 One ``add_<name>_parser`` + ``run_<name>`` pair per subcommand; ``build_parser`` lists them, so a new
 subcommand is one function pair and one line.
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)
     add_encode_parser(sub)
+    from gircse.training.cli import add_train_parser  # gircse train (no torch import at parse time)
+
+    add_train_parser(sub)
     return parser
 
 
