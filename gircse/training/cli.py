@@ -102,6 +102,7 @@ def run_train(args) -> int:
         model = GIRCSE.from_pretrained(args.model, method=config.method, k=config.k, device=args.device,
                                        dtype=args.dtype, max_length=config.max_length)
     train(model, data, args.out, config, resume=args.resume)
-    print(f"gircse train: {config.method} on {data} -> {args.out} in {time.perf_counter() - start:.0f} s",
-          file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"gircse train: {config.method} on {data} -> {args.out} in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr)
     return 0

@@ -79,3 +79,30 @@ def test_two_rank_gradients_equal_single_process(smollm2_tokenizer, tmp_path):
     for key in a:
         if key.startswith("model."):
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_torchrun_cli(smollm2_tokenizer, tmp_path):
+    """``torchrun --nproc_per_node 2 -m gircse train``: the process group comes up from the environment."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.gircse.conftest import tiny_causal_lm
+
+    from .test_training import make_rows, write_rows
+
+    base = str(tmp_path / "base")
+    tiny_causal_lm("llama").save_pretrained(base)
+    smollm2_tokenizer.save_pretrained(base)
+    data = write_rows(tmp_path / "d.jsonl", make_rows(12))
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "gircse", "train", "--model", base, "--data", data, "--out", str(out), "--k", "2",
+                           "--batch-size", "2", "--lora-r", "4", "--max-length", "48", "--no-progress"],
+                          cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(out / "train_config.json"))["world_size"] == 2
+    assert [json.loads(l)["step"] for l in open(out / "train_log.jsonl")] == [1, 2, 3]  # 12 rows / (2 x 2)
+    assert proc.stderr.count("gircse train: gircse on") == 1  # rank 0 reports
