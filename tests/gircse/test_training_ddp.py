@@ -97,12 +97,19 @@ def test_torchrun_cli(smollm2_tokenizer, tmp_path):
     data = write_rows(tmp_path / "d.jsonl", make_rows(12))
     out = tmp_path / "run"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "gircse", "train", "--model", base, "--data", data, "--out", str(out), "--k", "2",
-                           "--batch-size", "2", "--lora-r", "4", "--max-length", "48", "--no-progress"],
-                          cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gircse", "train", "--model", base, "--data", data, "--out", str(out), "--k", "2",
+           "--batch-size", "2", "--lora-r", "4", "--max-length", "48", "--no-progress"]
+    # own session: on a hang, the whole group (launcher and both workers) is killed, no orphans
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     assert json.load(open(out / "train_config.json"))["world_size"] == 2
     assert [json.loads(l)["step"] for l in open(out / "train_log.jsonl")] == [1, 2, 3]  # 12 rows / (2 x 2)
-    assert proc.stderr.count("gircse train: gircse on") == 1  # rank 0 reports
+    assert stderr.count("gircse train: gircse on") == 1  # rank 0 reports

@@ -282,11 +282,41 @@ def main(argv=None) -> int:
     b.add_argument("--min-chars", type=int, default=120)
     b.add_argument("--max-chars", type=int, default=700)
     b.add_argument("--max-per-section", type=int, default=700)
+    e = sub.add_parser("eval", help="dev retrieval + section classification of a model, per K (scaling curve)")
+    e.add_argument("--model", default="default", help="'default', 'smollm2-135m', a saved GIRCSE directory, ...")
+    e.add_argument("--method", default=None, choices=("gircse", "causal-eos", "bidirectional-avg"))
+    e.add_argument("--k", default="1,3,5,10,15,20", help="comma-separated K values (one pass with max K)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--limit", type=int, default=None, help="first N rows of each dev set (quick checks)")
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--output", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _run_eval(args)
     manifest = build(args.out, translations=args.translations, dumpavail=args.dumpavail, seed=args.seed,
                      n_train=args.n_train, n_dev=args.n_dev, n_class_per_section=args.n_class_per_section,
                      negatives=args.negatives, min_chars=args.min_chars, max_chars=args.max_chars,
                      max_per_section=args.max_per_section)
     for name, info in manifest["files"].items():
         print(f"{name}: {info['rows']} rows", file=sys.stderr)
+    return 0
+
+
+def _run_eval(args) -> int:
+    import gircse
+
+    from .dev import evaluate, format_table
+
+    if args.model == "default":
+        model = gircse.load_default(method=args.method, dtype=args.dtype)
+    else:
+        model = gircse.GIRCSE.from_pretrained(args.model, method=args.method, dtype=args.dtype)
+    result = evaluate(model, ks=[int(k) for k in args.k.split(",")], batch_size=args.batch_size, limit=args.limit,
+                      show_progress_bar=True)
+    result["model"] = args.model
+    print(format_table(result))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
     return 0
