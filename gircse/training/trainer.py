@@ -46,6 +46,9 @@ from .config import TrainConfig
 __all__ = ["TrainConfig", "apply_lora", "batch_gradients", "embed_texts", "train", "trainable_parameters"]
 
 LOG_FILE = "train_log.jsonl"
+# Options a resumed run may change; any other difference from the checkpoint's config is an error
+# (it would silently change the data order, the schedule or the objective).
+_RESUME_MAY_CHANGE = {"progress", "checkpoint_every", "log_every"}
 
 
 # ---------------------------------------------------------------------- model preparation
@@ -237,9 +240,12 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
         if resume and os.path.exists(ckpt_path):
             info = load_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler)
             saved = info["config"]
-            for key in ("method", "k", "batch_size", "grad_accum", "num_negatives", "epochs", "lora_r"):
-                if saved.get(key) != getattr(config, key):
-                    raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)!r}, this run {getattr(config, key)!r}")
+            current = config.public()
+            for key in sorted(set(saved) | set(current)):
+                if key in _RESUME_MAY_CHANGE:
+                    continue
+                if saved.get(key) != current.get(key):
+                    raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)!r}, this run {current.get(key)!r}")
             if info.get("world_size", 1) != world:
                 raise ValueError(f"--resume: checkpoint was written with {info.get('world_size')} ranks, now {world}")
             step = info["step"]
