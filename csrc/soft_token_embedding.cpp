@@ -1,0 +1,318 @@
+// C++ CPU backend of the soft-token-embedding op (gircse_kernels._C).
+//
+//     z   = (hidden @ W^T + b) / T            (optionally z = c * tanh(z / c), softcap)
+//     out = softmax(z) @ E
+//
+// computed, forward and backward, without ever allocating a [B, V] buffer.
+//
+// Work decomposition
+// ------------------
+// The vocabulary is cut into tiles of `tile_v` rows and the tiles into S contiguous *splits*, S =
+// min(threads, tiles); split s is processed by one thread (at::parallel_for, grain 1), so even B = 1
+// keeps every core busy. Inside a split the loop is tile-outer, row-block-inner: a W tile (and the E
+// tile; the same memory when the weights are tied, so a tied matrix is read once) stays in cache while
+// every block of `row_block` hidden rows is multiplied with it. Largest temporaries: [row_block,
+// tile_v] fp32 logits/probabilities per thread, plus the per-split partials below.
+//
+// Forward: each split keeps an online-softmax state per row (running max m, running sum s, fp32
+// accumulator acc[B, d_e]); the S partial states are merged at the end with a log-sum-exp merge.
+// Backward: p = exp(z - lse) is recomputed tile by tile with the same tiling; the split owning a tile
+// writes that tile's rows of dW / dE / db (fp32 accumulation over row blocks, one conversion at the
+// end, no atomics); d hidden is accumulated per split in fp32 and the S partials are summed.
+//
+// GEMMs go through ATen (at::mm / addmm on tile views: MKL for fp32, oneDNN for bf16, whose kernels
+// use AVX512-BF16 / AMX when the CPU has them). CPU ATen has no bf16 x bf16 -> fp32 matmul, so a bf16
+// GEMM yields bf16 results (fp32 accumulation inside, one rounding at the end: the precision of the
+// plain bf16 PyTorch formula) that are widened to fp32 right away; every reduction across tiles
+// (softmax state, accumulators, gradients) is fp32. fp16 has no fast CPU GEMM: its tiles are upcast
+// to fp32. Elementwise work (bias, temperature, softcap, exp, row max/sum) uses ATen's vectorized
+// (at::vec, runtime-dispatched AVX2/AVX512) kernels on the cache-resident tiles. Inside
+// at::parallel_for every ATen call runs single-threaded, so the threads never oversubscribe.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+struct Tiling {
+  int64_t tile_v;     // vocabulary rows per tile
+  int64_t row_block;  // hidden rows per GEMM
+  int64_t tiles;      // number of tiles
+  int64_t splits;     // number of contiguous groups of tiles (one per thread)
+};
+
+// Tile sizes: row blocks of up to 128 rows (GEMMs big enough for the BLAS kernels); tiles sized so
+// that a [row_block, tile_v] fp32 tile is about 512 KiB (L2-resident) but large for small B, where
+// the op is memory bound and per-call overheads matter; at least one tile per thread.
+Tiling make_tiling(int64_t rows, int64_t vocab, int64_t tile_v, int64_t row_block) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  Tiling t{};
+  t.row_block = row_block > 0 ? row_block : std::min<int64_t>(rows, 128);
+  if (tile_v > 0) {
+    t.tile_v = tile_v;
+  } else {
+    const int64_t target = (int64_t{1} << 17) / std::max<int64_t>(t.row_block, 1);
+    t.tile_v = std::clamp<int64_t>(target, 512, 4096);
+    t.tile_v = std::min(t.tile_v, (vocab + threads - 1) / threads);  // every thread gets a tile
+  }
+  // Never one tile spanning the whole vocabulary (a [B, V] tile) unless V == 1.
+  t.tile_v = std::max<int64_t>(1, std::min(t.tile_v, (vocab + 1) / 2));
+  t.tiles = (vocab + t.tile_v - 1) / t.tile_v;
+  t.splits = std::min(threads, t.tiles);
+  return t;
+}
+
+// Tiles [first, last) owned by split s (contiguous, sizes differing by at most one).
+std::pair<int64_t, int64_t> split_range(const Tiling& t, int64_t s) {
+  const int64_t base = t.tiles / t.splits, extra = t.tiles % t.splits;
+  const int64_t first = s * base + std::min(s, extra);
+  return {first, first + base + (s < extra ? 1 : 0)};
+}
+
+// The dtype the A operand of a GEMM is cast to: bf16 stays bf16 (fast kernels), fp16 goes to fp32.
+at::ScalarType gemm_dtype(at::ScalarType t) {
+  return t == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+// out32 (fp32, [m, n]) = a @ b, or out32 += a @ b with `accumulate`. `a` and `b` are views (any
+// strides BLAS accepts); `b` is cast to `a`'s dtype when they differ (fp16 tiles -> fp32).
+void mm_into(Tensor out32, const Tensor& a, const Tensor& b, bool accumulate) {
+  const Tensor bb = b.scalar_type() == a.scalar_type() ? b : b.to(a.scalar_type());
+  if (a.scalar_type() == at::kFloat) {
+    if (accumulate) {
+      out32.addmm_(a, bb);
+    } else {
+      at::mm_out(out32, a, bb);
+    }
+    return;
+  }
+  const Tensor prod = at::mm(a, bb);  // bf16 result, fp32 accumulation inside
+  if (accumulate) {
+    out32.add_(prod);
+  } else {
+    out32.copy_(prod);
+  }
+}
+
+struct Params {
+  double temperature;
+  std::optional<double> softcap;
+};
+
+// Final logits z [m, n] fp32 of hidden rows `h_blk` (already in the GEMM dtype) against vocabulary rows `w_tile` (+ `b_tile`).
+// With a softcap, `cap_grad` (when given) receives dz/dz_pre = 1 - tanh^2.
+Tensor tile_logits(const Tensor& h_blk, const Tensor& w_tile, const std::optional<Tensor>& b_tile,
+                   const Params& prm, Tensor* cap_grad) {
+  const int64_t m = h_blk.size(0), n = w_tile.size(0);
+  Tensor z = at::empty({m, n}, h_blk.options().dtype(at::kFloat));
+  mm_into(z, h_blk, w_tile.t(), /*accumulate=*/false);
+  if (b_tile) z.add_(b_tile->unsqueeze(0));  // promotes bf16/fp16 bias to fp32
+  if (prm.temperature != 1.0) z.div_(prm.temperature);
+  if (prm.softcap) {
+    const double c = *prm.softcap;
+    z.div_(c).tanh_();
+    if (cap_grad) *cap_grad = 1.0 - z * z;
+    z.mul_(c);
+  }
+  return z;
+}
+
+std::optional<Tensor> bias_tile(const std::optional<Tensor>& bias, int64_t v0, int64_t n) {
+  if (!bias) return std::nullopt;
+  return bias->narrow(0, v0, n);
+}
+
+void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& embed,
+                  const std::optional<Tensor>& bias) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && embed.device().is_cpu(),
+              "gircse_kernels._C: all tensors must be on the CPU");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && embed.dim() == 2,
+              "gircse_kernels._C: hidden [B, d], lm_head_weight [V, d], embed_weight [V, d_e] must be 2-D");
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "gircse_kernels._C: hidden has d=", hidden.size(1),
+              " but lm_head_weight has d=", weight.size(1));
+  TORCH_CHECK(embed.size(0) == weight.size(0), "gircse_kernels._C: embed_weight has ", embed.size(0),
+              " rows, lm_head_weight has ", weight.size(0));
+  TORCH_CHECK(hidden.size(0) >= 1 && weight.size(0) >= 1 && hidden.size(1) >= 1 && embed.size(1) >= 1,
+              "gircse_kernels._C: empty input");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "gircse_kernels._C: dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt && embed.scalar_type() == dt,
+              "gircse_kernels._C: hidden, lm_head_weight and embed_weight must share one dtype");
+  TORCH_CHECK(hidden.stride(1) == 1 && weight.stride(1) == 1 && embed.stride(1) == 1,
+              "gircse_kernels._C: hidden, lm_head_weight and embed_weight need a unit last stride");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == dt &&
+                    bias->device().is_cpu(),
+                "gircse_kernels._C: lm_head_bias must be a CPU [V] tensor of the inputs' dtype");
+  }
+}
+
+void check_params(double temperature, const std::optional<double>& softcap) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "gircse_kernels._C: temperature must be > 0");
+  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), "gircse_kernels._C: softcap must be > 0");
+}
+
+}  // namespace
+
+// Returns (out32 [B, d_e] fp32, lse [B] fp32).
+std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, const Tensor& embed,
+                                   const std::optional<Tensor>& bias, double temperature,
+                                   std::optional<double> softcap, bool tied, int64_t tile_v,
+                                   int64_t row_block) {
+  check_inputs(hidden, weight, embed, bias);
+  check_params(temperature, softcap);
+  at::NoGradGuard no_grad;
+  const int64_t rows = hidden.size(0), vocab = weight.size(0), d_e = embed.size(1);
+  const Tiling t = make_tiling(rows, vocab, tile_v, row_block);
+  const Params prm{temperature, softcap};
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const auto ct = gemm_dtype(hidden.scalar_type());
+  // Per-split online-softmax state: running max, running sum, unnormalized output.
+  Tensor run_max = at::full({t.splits, rows}, -std::numeric_limits<float>::infinity(), f32);
+  Tensor run_sum = at::zeros({t.splits, rows}, f32);
+  Tensor acc = at::zeros({t.splits, rows, d_e}, f32);
+  const Tensor h_ct = hidden.to(ct);
+
+  at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
+    at::NoGradGuard worker_no_grad;  // grad mode is thread-local
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      const auto [first, last] = split_range(t, s);
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t v0 = tile * t.tile_v, n = std::min(t.tile_v, vocab - v0);
+        const Tensor w_tile = weight.narrow(0, v0, n);
+        const Tensor e_tile = tied ? w_tile : embed.narrow(0, v0, n);
+        const auto b_tile = bias_tile(bias, v0, n);
+        for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
+          const int64_t m = std::min(t.row_block, rows - r0);
+          Tensor z = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, nullptr);
+          Tensor mx = run_max[s].narrow(0, r0, m), sm = run_sum[s].narrow(0, r0, m);
+          Tensor ac = acc[s].narrow(0, r0, m);
+          const Tensor new_max = at::maximum(mx, std::get<0>(z.max(1)));
+          const Tensor rescale = (mx - new_max).exp_();  // exp(-inf) = 0 on the first tile
+          Tensor p = z.sub_(new_max.unsqueeze(1)).exp_();
+          sm.mul_(rescale).add_(p.sum(1));
+          ac.mul_(rescale.unsqueeze(1));
+          mm_into(ac, p.to(ct), e_tile, /*accumulate=*/true);
+          mx.copy_(new_max);
+        }
+      }
+    }
+  });
+
+  // Log-sum-exp merge of the split partials.
+  if (t.splits == 1) {
+    return {acc[0].div_(run_sum[0].unsqueeze(1)), run_max[0] + run_sum[0].log()};
+  }
+  const Tensor top = std::get<0>(run_max.max(0));         // [B]
+  const Tensor weights = (run_max - top.unsqueeze(0)).exp_();  // [S, B]
+  const Tensor total = (weights * run_sum).sum(0);             // [B]
+  Tensor out = (acc * weights.unsqueeze(2)).sum(0).div_(total.unsqueeze(1));
+  return {out, top + total.log()};
+}
+
+// Returns (d_hidden, d_weight, d_embed, d_bias) in the inputs' dtype, None where not needed.
+std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>
+backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, const Tensor& embed,
+         const std::optional<Tensor>& bias, const Tensor& lse, const Tensor& delta, double temperature,
+         std::optional<double> softcap, bool tied, bool need_hidden, bool need_weight, bool need_embed,
+         bool need_bias, bool merge_tied_grads, double grad_filter_eps, int64_t tile_v,
+         int64_t row_block) {
+  check_inputs(hidden, weight, embed, bias);
+  check_params(temperature, softcap);
+  const int64_t rows = hidden.size(0), vocab = weight.size(0), d = hidden.size(1), d_e = embed.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == d_e &&
+                  grad_out.scalar_type() == hidden.scalar_type(),
+              "gircse_kernels._C: grad_out must be [B, d_e] in the inputs' dtype");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows && lse.scalar_type() == at::kFloat &&
+                  delta.dim() == 1 && delta.size(0) == rows && delta.scalar_type() == at::kFloat,
+              "gircse_kernels._C: lse and delta must be fp32 [B]");
+  TORCH_CHECK(!need_bias || bias, "gircse_kernels._C: need_bias without a bias");
+  TORCH_CHECK(!merge_tied_grads || (need_weight && need_embed),
+              "gircse_kernels._C: merge_tied_grads needs both weight gradients");
+  at::NoGradGuard no_grad;
+  const Tiling t = make_tiling(rows, vocab, tile_v, row_block);
+  const Params prm{temperature, softcap};
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const auto ct = gemm_dtype(hidden.scalar_type());
+  const bool need_dz = need_hidden || need_weight || need_bias;
+  const bool embed_grad = need_embed && !merge_tied_grads;
+  const Tensor g = grad_out.contiguous();
+  const Tensor g_ct = g.to(ct), h_ct = hidden.to(ct);
+  // dp = dO E^T must be fp32-accurate even for bf16 inputs: dz = p (dp - delta) cancels where p is
+  // peaked, and delta = <dO, out32> is fp32, so a bf16-rounded dp would leave an O(2^-9 |dp|) residue.
+  const Tensor g32 = need_dz ? g.to(at::kFloat) : Tensor();
+
+  Tensor dh_part = need_hidden ? at::zeros({t.splits, rows, d}, f32) : Tensor();
+  std::optional<Tensor> d_weight, d_embed, d_bias;
+  if (need_weight) d_weight = at::empty({vocab, d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  if (embed_grad) d_embed = at::empty({vocab, d_e}, embed.options().memory_format(at::MemoryFormat::Contiguous));
+  if (need_bias) d_bias = at::empty({vocab}, bias->options());
+
+  at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
+    at::NoGradGuard worker_no_grad;
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      const auto [first, last] = split_range(t, s);
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t v0 = tile * t.tile_v, n = std::min(t.tile_v, vocab - v0);
+        const Tensor w_tile = weight.narrow(0, v0, n);
+        const Tensor e_tile = tied ? w_tile : embed.narrow(0, v0, n);
+        const auto b_tile = bias_tile(bias, v0, n);
+        // fp32 accumulators of this tile's weight-gradient rows, over all row blocks.
+        Tensor dw_acc = need_weight ? at::zeros({n, d}, f32) : Tensor();
+        Tensor de_acc = embed_grad ? at::zeros({n, d_e}, f32) : Tensor();
+        Tensor db_acc = need_bias ? at::zeros({n}, f32) : Tensor();
+        for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
+          const int64_t m = std::min(t.row_block, rows - r0);
+          Tensor cap_grad;
+          Tensor p = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, softcap ? &cap_grad : nullptr);
+          p.sub_(lse.narrow(0, r0, m).unsqueeze(1)).exp_();
+          // Gradient filter: skip a (row block, tile) whose probabilities are all below eps.
+          if (grad_filter_eps > 0.0 && p.max().item<float>() < grad_filter_eps) continue;
+          const Tensor g_blk = g_ct.narrow(0, r0, m);
+          if (need_dz) {
+            Tensor dz = at::empty({m, n}, f32);
+            mm_into(dz, g32.narrow(0, r0, m), e_tile.t(), /*accumulate=*/false);  // dp = dO E^T (fp32)
+            dz.sub_(delta.narrow(0, r0, m).unsqueeze(1)).mul_(p);   // dz = p (dp - delta)
+            if (softcap) dz.mul_(cap_grad);
+            if (temperature != 1.0) dz.div_(temperature);          // d raw logit
+            const Tensor dz_ct = dz.to(ct);
+            if (need_hidden) mm_into(dh_part[s].narrow(0, r0, m), dz_ct, w_tile, true);
+            if (need_weight) mm_into(dw_acc, dz_ct.t(), h_ct.narrow(0, r0, m), true);
+            if (need_bias) db_acc.add_(dz.sum(0));
+          }
+          if (need_embed) mm_into(merge_tied_grads ? dw_acc : de_acc, p.to(ct).t(), g_blk, true);
+        }
+        if (need_weight) d_weight->narrow(0, v0, n).copy_(dw_acc);
+        if (embed_grad) d_embed->narrow(0, v0, n).copy_(de_acc);
+        if (need_bias) d_bias->narrow(0, v0, n).copy_(db_acc);
+      }
+    }
+  });
+
+  std::optional<Tensor> d_hidden;
+  if (need_hidden) d_hidden = dh_part.sum(0).to(hidden.scalar_type());
+  return {d_hidden, d_weight, d_embed, d_bias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "C++ CPU backend of gircse_kernels.soft_token_embedding (see csrc/soft_token_embedding.cpp)";
+  m.def("forward", &forward, "softmax(z) @ E without a [B, V] buffer: (out32, lse)", py::arg("hidden"),
+        py::arg("lm_head_weight"), py::arg("embed_weight"), py::arg("lm_head_bias"), py::arg("temperature"),
+        py::arg("softcap"), py::arg("tied"), py::arg("tile_v") = 0, py::arg("row_block") = 0);
+  m.def("backward", &backward, "gradients of the op (d_hidden, d_weight, d_embed, d_bias)",
+        py::arg("grad_out"), py::arg("hidden"), py::arg("lm_head_weight"), py::arg("embed_weight"),
+        py::arg("lm_head_bias"), py::arg("lse"), py::arg("delta"), py::arg("temperature"),
+        py::arg("softcap"), py::arg("tied"), py::arg("need_hidden"), py::arg("need_weight"),
+        py::arg("need_embed"), py::arg("need_bias"), py::arg("merge_tied_grads"),
+        py::arg("grad_filter_eps"), py::arg("tile_v") = 0, py::arg("row_block") = 0);
+  m.def("num_threads", []() { return at::get_num_threads(); });
+}
