@@ -247,9 +247,13 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
   const bool embed_grad = need_embed && !merge_tied_grads;
   const Tensor g = grad_out.contiguous();
   const Tensor g_ct = g.to(ct), h_ct = hidden.to(ct);
-  // dp = dO E^T must be fp32-accurate even for bf16 inputs: dz = p (dp - delta) cancels where p is
-  // peaked, and delta = <dO, out32> is fp32, so a bf16-rounded dp would leave an O(2^-9 |dp|) residue.
-  const Tensor g32 = need_dz ? g.to(at::kFloat) : Tensor();
+  // dz = p (dp - delta) cancels where p is peaked (delta = <dO, out32> is fp32 and tends to dp_j as
+  // p_j -> 1), so a bf16-rounded dp would leave a residue p_j 2^-9 |dp_j| that exact arithmetic does
+  // not have. The bf16 path therefore recomputes dp in fp32 for the few entries with p > 1/64 (at
+  // most 64 per row); elsewhere the rounding error is below 2^-15 |dp|, as in plain bf16 autograd.
+  const bool refine_dp = ct == at::kBFloat16 && need_dz;
+  const Tensor g32 = refine_dp ? g.to(at::kFloat) : Tensor();
+  constexpr double kRefineP = 1.0 / 64.0;
 
   Tensor dh_part = need_hidden ? at::zeros({t.splits, rows, d}, f32) : Tensor();
   std::optional<Tensor> d_weight, d_embed, d_bias;
@@ -280,7 +284,16 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
           const Tensor g_blk = g_ct.narrow(0, r0, m);
           if (need_dz) {
             Tensor dz = at::empty({m, n}, f32);
-            mm_into(dz, g32.narrow(0, r0, m), e_tile.t(), /*accumulate=*/false);  // dp = dO E^T (fp32)
+            mm_into(dz, g_blk, e_tile.t(), /*accumulate=*/false);  // dp = dO E^T
+            if (refine_dp) {
+              const Tensor big = (p > kRefineP).nonzero();  // [k, 2] (row, column) pairs
+              if (big.size(0) > 0) {
+                const Tensor ri = big.select(1, 0), cj = big.select(1, 1);
+                const Tensor exact = (g32.narrow(0, r0, m).index_select(0, ri) *
+                                      e_tile.index_select(0, cj).to(at::kFloat)).sum(1);
+                dz.index_put_({ri, cj}, exact);
+              }
+            }
             dz.sub_(delta.narrow(0, r0, m).unsqueeze(1)).mul_(p);   // dz = p (dp - delta)
             if (softcap) dz.mul_(cap_grad);
             if (temperature != 1.0) dz.div_(temperature);          // d raw logit
