@@ -108,13 +108,9 @@ struct Params {
   std::optional<double> softcap;
 };
 
-// Final logits z [m, n] fp32 of hidden rows `h_blk` (already in the GEMM dtype) against vocabulary rows `w_tile` (+ `b_tile`).
-// With a softcap, `cap_grad` (when given) receives dz/dz_pre = 1 - tanh^2.
-Tensor tile_logits(const Tensor& h_blk, const Tensor& w_tile, const std::optional<Tensor>& b_tile,
-                   const Params& prm, Tensor* cap_grad) {
-  const int64_t m = h_blk.size(0), n = w_tile.size(0);
-  Tensor z = at::empty({m, n}, h_blk.options().dtype(at::kFloat));
-  mm_into(z, h_blk, w_tile.t(), /*accumulate=*/false);
+// In place: raw logits z [m, n] fp32 -> final logits (bias, temperature, softcap). With a softcap,
+// `cap_grad` (when given) receives dz/dz_pre = 1 - tanh^2.
+void finish_logits(Tensor& z, const std::optional<Tensor>& b_tile, const Params& prm, Tensor* cap_grad) {
   if (b_tile) z.add_(b_tile->unsqueeze(0));  // promotes bf16/fp16 bias to fp32
   if (prm.temperature != 1.0) z.div_(prm.temperature);
   if (prm.softcap) {
@@ -123,6 +119,15 @@ Tensor tile_logits(const Tensor& h_blk, const Tensor& w_tile, const std::optiona
     if (cap_grad) *cap_grad = 1.0 - z * z;
     z.mul_(c);
   }
+}
+
+// Final logits z [m, n] fp32 of hidden rows `h_blk` (already in the GEMM dtype) against vocabulary
+// rows `w_tile` (+ `b_tile`).
+Tensor tile_logits(const Tensor& h_blk, const Tensor& w_tile, const std::optional<Tensor>& b_tile,
+                   const Params& prm, Tensor* cap_grad) {
+  Tensor z = at::empty({h_blk.size(0), w_tile.size(0)}, h_blk.options().dtype(at::kFloat));
+  mm_into(z, h_blk, w_tile.t(), /*accumulate=*/false);
+  finish_logits(z, b_tile, prm, cap_grad);
   return z;
 }
 
@@ -256,6 +261,17 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
   const Tensor g32 = refine_dp ? g.to(at::kFloat) : Tensor();
   constexpr double kRefineP = 1.0 / 64.0;
 
+  // Tied weights: stack each row block of hidden over the same rows of dO ([2m, d]) so that one GEMM
+  // with the W tile gives both the logits and dp (the tile is streamed once instead of twice).
+  const bool stacked = tied && need_dz && d == d_e;
+  std::vector<Tensor> stacked_blocks;
+  if (stacked) {
+    for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
+      const int64_t m = std::min(t.row_block, rows - r0);
+      stacked_blocks.push_back(at::cat({h_ct.narrow(0, r0, m), g_ct.narrow(0, r0, m)}, 0));
+    }
+  }
+
   Tensor dh_part = need_hidden ? at::zeros({t.splits, rows, d}, f32) : Tensor();
   std::optional<Tensor> d_weight, d_embed, d_bias;
   if (need_weight) d_weight = at::empty({vocab, d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
@@ -277,15 +293,25 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
         Tensor db_acc = need_bias ? at::zeros({n}, f32) : Tensor();
         for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
           const int64_t m = std::min(t.row_block, rows - r0);
-          Tensor cap_grad;
-          Tensor p = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, softcap ? &cap_grad : nullptr);
+          Tensor cap_grad, p, dz;
+          if (stacked) {  // tied: logits and dp = dO W^T from one GEMM over the same W tile
+            Tensor both = at::empty({2 * m, n}, f32);
+            mm_into(both, stacked_blocks[r0 / t.row_block], w_tile.t(), /*accumulate=*/false);
+            p = both.narrow(0, 0, m);
+            dz = both.narrow(0, m, m);
+            finish_logits(p, b_tile, prm, softcap ? &cap_grad : nullptr);
+          } else {
+            p = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, softcap ? &cap_grad : nullptr);
+          }
           p.sub_(lse.narrow(0, r0, m).unsqueeze(1)).exp_();
           // Gradient filter: skip a (row block, tile) whose probabilities are all below eps.
           if (grad_filter_eps > 0.0 && p.max().item<float>() < grad_filter_eps) continue;
           const Tensor g_blk = g_ct.narrow(0, r0, m);
           if (need_dz) {
-            Tensor dz = at::empty({m, n}, f32);
-            mm_into(dz, g_blk, e_tile.t(), /*accumulate=*/false);  // dp = dO E^T
+            if (!stacked) {
+              dz = at::empty({m, n}, f32);
+              mm_into(dz, g_blk, e_tile.t(), /*accumulate=*/false);  // dp = dO E^T
+            }
             if (refine_dp) {
               const Tensor big = (p > kRefineP).nonzero();  // [k, 2] (row, column) pairs
               if (big.size(0) > 0) {
