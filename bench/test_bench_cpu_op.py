@@ -101,7 +101,8 @@ def test_bench_cpu_op(dtype, shape):
         f"## {name}",
         "",
         f"Machine: {machine_description()}. Measured bf16 GEMM rate of this machine: {peak:.3f} TFLOP/s.",
-        f"Peak extra memory: {'VmHWM - VmRSS per call (see bench/conftest.py)' if peak_memory_supported() else 'not measurable here'}.",
+        "Peak extra memory: " + ("VmHWM - VmRSS per call (see bench/conftest.py)." if peak_memory_supported()
+                                 else "not measurable here."),
         "`*`: one cold call instead of best of 3 after warmup.",
         "",
         "| B | V | d | naive | SDPA | chunked | cpu | cpu / best | fwd+bwd naive | fwd+bwd cpu | fwd+bwd ratio"
@@ -135,7 +136,8 @@ def test_bench_cpu_op(dtype, shape):
             amx = f"{flops / (AMX_TFLOPS * 1e12) / t_cpu:.2f}" if dtype == torch.bfloat16 else "n/a"
             machine_frac = flops / (peak * 1e12) / t_cpu if dtype == torch.bfloat16 else None
             lines.append(
-                f"| {rows}{'*' if heavy else ''} | {vocab} | {d} | {_fmt(*res['naive'])} | {_fmt(*res['sdpa'])} | "
+                f"| {rows}{'*' if heavy else ''} | {vocab} | {d} | {_fmt(*res['naive'])} | "
+                f"{_fmt(*res['sdpa'])} | "
                 f"{_fmt(*res['chunked'])} | {_fmt(*res['cpu'])} | {t_cpu / best:.2f} | {_fmt(*fb_naive)} | "
                 f"{_fmt(*fb_cpu)} | {fb_cpu[0] / fb_naive[0]:.2f} | {amx} | "
                 f"{'n/a' if machine_frac is None else f'{machine_frac:.2f}'} |")

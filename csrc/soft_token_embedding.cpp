@@ -31,6 +31,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -164,7 +165,8 @@ void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& embe
 
 void check_params(double temperature, const std::optional<double>& softcap) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "gircse_kernels._C: temperature must be > 0");
-  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0), "gircse_kernels._C: softcap must be > 0");
+  TORCH_CHECK(!softcap || (std::isfinite(*softcap) && *softcap > 0),
+              "gircse_kernels._C: softcap must be > 0");
 }
 
 }  // namespace
@@ -188,8 +190,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   Tensor acc = at::zeros({t.splits, rows, d_e}, f32);
   const Tensor h_ct = hidden.to(ct);
 
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
-    at::NoGradGuard worker_no_grad;  // grad mode is thread-local
+    // Worker threads inherit the caller's thread-local state (no-grad, inference mode, ...).
+    at::ThreadLocalStateGuard tls_guard(caller_state);
     for (int64_t s = s_begin; s < s_end; ++s) {
       const auto [first, last] = split_range(t, s);
       for (int64_t tile = first; tile < last; ++tile) {
@@ -202,7 +206,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
           Tensor z = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, nullptr);
           Tensor mx = run_max[s].narrow(0, r0, m), sm = run_sum[s].narrow(0, r0, m);
           Tensor ac = acc[s].narrow(0, r0, m);
-          const Tensor new_max = at::maximum(mx, std::get<0>(z.max(1)));
+          const Tensor new_max = at::maximum(mx, z.amax(1));
           const Tensor rescale = (mx - new_max).exp_();  // exp(-inf) = 0 on the first tile
           Tensor p = z.sub_(new_max.unsqueeze(1)).exp_();  // at::vec (Sleef) exp, AVX2/AVX512 dispatch
           sm.mul_(rescale).add_(p.sum(1));
@@ -218,7 +222,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   if (t.splits == 1) {
     return {acc[0].div_(run_sum[0].unsqueeze(1)), run_max[0] + run_sum[0].log()};
   }
-  const Tensor top = std::get<0>(run_max.max(0));         // [B]
+  const Tensor top = run_max.amax(0);                         // [B]
   const Tensor weights = (run_max - top.unsqueeze(0)).exp_();  // [S, B]
   const Tensor total = (weights * run_sum).sum(0);             // [B]
   Tensor out = (acc * weights.unsqueeze(2)).sum(0).div_(total.unsqueeze(1));
@@ -256,7 +260,7 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
   // dz = p (dp - delta) cancels where p is peaked (delta = <dO, out32> is fp32 and tends to dp_j as
   // p_j -> 1), so a bf16-rounded dp would leave a residue p_j 2^-9 |dp_j| that exact arithmetic does
   // not have. The bf16 path therefore recomputes dp in fp32 for the few entries with p > 1/64 (at
-  // most 64 per row); elsewhere the rounding error is below 2^-15 |dp|, as in plain bf16 autograd.
+  // most 64 per row); elsewhere the error this leaves in dz is below 2^-15 |dp|.
   const bool refine_dp = ct == at::kBFloat16 && need_dz;
   const Tensor g32 = refine_dp ? g.to(at::kFloat) : Tensor();
   constexpr double kRefineP = 1.0 / 64.0;
@@ -274,12 +278,13 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
 
   Tensor dh_part = need_hidden ? at::zeros({t.splits, rows, d}, f32) : Tensor();
   std::optional<Tensor> d_weight, d_embed, d_bias;
-  if (need_weight) d_weight = at::empty({vocab, d}, weight.options().memory_format(at::MemoryFormat::Contiguous));
-  if (embed_grad) d_embed = at::empty({vocab, d_e}, embed.options().memory_format(at::MemoryFormat::Contiguous));
+  if (need_weight) d_weight = at::empty({vocab, d}, weight.options());  // contiguous
+  if (embed_grad) d_embed = at::empty({vocab, d_e}, embed.options());
   if (need_bias) d_bias = at::empty({vocab}, bias->options());
 
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
-    at::NoGradGuard worker_no_grad;
+    at::ThreadLocalStateGuard tls_guard(caller_state);
     for (int64_t s = s_begin; s < s_end; ++s) {
       const auto [first, last] = split_range(t, s);
       for (int64_t tile = first; tile < last; ++tile) {

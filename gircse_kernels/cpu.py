@@ -40,7 +40,8 @@ def _jit_build() -> types.ModuleType:
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
     return cpp_extension.load(
-        name="gircse_kernels_C_jit", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        name="gircse_kernels_C_jit", sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
         build_directory=build_dir, verbose=False,
     )
 
@@ -100,7 +101,8 @@ def _check(hidden, lm_head_weight, embed_weight, lm_head_bias):
         if t.device.type != "cpu":
             raise ValueError(f"backend 'cpu': {name} must be a CPU tensor, got {t.device}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"backend 'cpu': {name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+            raise TypeError(
+                f"backend 'cpu': {name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
         if t.dim() == 2 and t.stride(-1) != 1:
             raise ValueError(f"backend 'cpu': {name} needs a unit last stride, got strides {t.stride()}")
     if hidden.dim() != 2:

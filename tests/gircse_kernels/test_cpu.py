@@ -63,7 +63,8 @@ def test_backward_tiling_matches_chunked_all_grads():
     out32, lse = torch_chunked.forward(h, w, e, b, temperature=1.3, softcap=None)
     g = torch.randn(9, 12, generator=torch.Generator().manual_seed(3))
     delta = (g * out32).sum(-1)
-    kw = dict(temperature=1.3, softcap=None, need_hidden=True, need_weight=True, need_embed=True, need_bias=True)
+    kw = dict(temperature=1.3, softcap=None, need_hidden=True, need_weight=True, need_embed=True,
+              need_bias=True)
     ref = torch_chunked.backward(g, h, w, e, b, lse, delta, **kw)
     for threads in (1, 2):
         with num_threads(threads):
@@ -193,3 +194,19 @@ def test_auto_prefers_cpu_backend():
     from gircse_kernels import dispatch
 
     assert dispatch.resolve_backend("auto", torch.device("cpu")) == ("cpu", cpu)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_worker_threads_inherit_grad_and_inference_mode(mode):
+    """Under torch.inference_mode the state tensors are inference tensors: the worker threads must
+    run in inference mode too (in-place updates would fail otherwise)."""
+    h, w, e, b = make_inputs(Case(lead=(6,), vocab=3001, d=16, bias=True))
+    ref = soft_token_embedding(h, w, e, b, backend="torch")
+    with num_threads(2), getattr(torch, mode)():
+        out = op(h, w, e, b)
+        out32, lse = cpu.forward(h, w, e, b, temperature=1.0, softcap=None)
+        g = torch.randn(6, 16)
+        grads = cpu.backward(g, h, w, e, b, lse, (g * out32).sum(-1), temperature=1.0, softcap=None,
+                             need_hidden=True, need_weight=True, need_embed=True, need_bias=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert all(x is not None and torch.isfinite(x).all() for x in grads)
