@@ -31,7 +31,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -190,10 +190,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   Tensor acc = at::zeros({t.splits, rows, d_e}, f32);
   const Tensor h_ct = hidden.to(ct);
 
-  const at::ThreadLocalState caller_state;
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
-    // Worker threads inherit the caller's thread-local state (no-grad, inference mode, ...).
-    at::ThreadLocalStateGuard tls_guard(caller_state);
+    // Grad and inference mode are thread-local: workers run without grad, in the caller's inference mode.
+    c10::InferenceMode inference_guard(inference);
+    at::NoGradGuard worker_no_grad;
     for (int64_t s = s_begin; s < s_end; ++s) {
       const auto [first, last] = split_range(t, s);
       for (int64_t tile = first; tile < last; ++tile) {
@@ -282,9 +283,10 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
   if (embed_grad) d_embed = at::empty({vocab, d_e}, embed.options());
   if (need_bias) d_bias = at::empty({vocab}, bias->options());
 
-  const at::ThreadLocalState caller_state;
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
-    at::ThreadLocalStateGuard tls_guard(caller_state);
+    c10::InferenceMode inference_guard(inference);
+    at::NoGradGuard worker_no_grad;
     for (int64_t s = s_begin; s < s_end; ++s) {
       const auto [first, last] = split_range(t, s);
       for (int64_t tile = first; tile < last; ++tile) {
@@ -352,12 +354,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "C++ CPU backend of gircse_kernels.soft_token_embedding (see csrc/soft_token_embedding.cpp)";
   m.def("forward", &forward, "softmax(z) @ E without a [B, V] buffer: (out32, lse)", py::arg("hidden"),
         py::arg("lm_head_weight"), py::arg("embed_weight"), py::arg("lm_head_bias"), py::arg("temperature"),
-        py::arg("softcap"), py::arg("tied"), py::arg("tile_v") = 0, py::arg("row_block") = 0);
+        py::arg("softcap"), py::arg("tied"), py::arg("tile_v") = 0, py::arg("row_block") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "gradients of the op (d_hidden, d_weight, d_embed, d_bias)",
         py::arg("grad_out"), py::arg("hidden"), py::arg("lm_head_weight"), py::arg("embed_weight"),
         py::arg("lm_head_bias"), py::arg("lse"), py::arg("delta"), py::arg("temperature"),
         py::arg("softcap"), py::arg("tied"), py::arg("need_hidden"), py::arg("need_weight"),
         py::arg("need_embed"), py::arg("need_bias"), py::arg("merge_tied_grads"),
-        py::arg("grad_filter_eps"), py::arg("tile_v") = 0, py::arg("row_block") = 0);
+        py::arg("grad_filter_eps"), py::arg("tile_v") = 0, py::arg("row_block") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("num_threads", []() { return at::get_num_threads(); });
 }
