@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from gircse_kernels import soft_token_embedding
+from gircse_kernels import resolve_backend, soft_token_embedding
 from gircse_kernels.triton_config import choose_config, num_sms
 
 SHAPES = [(49152, 576), (151936, 896)]  # SmolLM2-135M, Qwen2-0.5B (both tied)
@@ -68,7 +68,7 @@ def test_decode_step_bandwidth(machine):
                                     device, reps)
                 size = weight.element_size()
                 moved = vocab * d * size + 2 * rows * d * size
-                config = "-"
+                config = f"backend {resolve_backend(backend, device)[0]}"
                 if device.type == "cuda":
                     cfg = choose_config(rows, vocab, d, d, dtype, num_sms(device))
                     config = f"{cfg.kind} M{cfg.block_m} x{cfg.num_splits} splits"
