@@ -19,7 +19,7 @@ import torch
 # Programs to aim for per SM: enough to hide latency without multiplying partials needlessly.
 PROGRAMS_PER_SM = 2
 # Each split walks at least this many vocabulary tiles, so the combine stays negligible.
-MIN_TILES_PER_SPLIT = 4
+MIN_TILES_PER_SPLIT = 2
 # The combine kernel reduces all splits of a row in one block: keep it a modest power of two.
 MAX_SPLITS = 256
 # Feature dimensions up to this size are held in registers (one block); larger ones are walked in

@@ -25,8 +25,10 @@ def test_cached_generation_matches_uncached_algorithm(family, make_tiny):
         uncached, uncached_prefill = generate_soft_tokens_uncached(gircse.model, None, **batch, k=5,
                                                                    return_prefill_state=True)
     assert cached.shape == (3, 5, 32)
-    torch.testing.assert_close(cached, uncached, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(cached_prefill, uncached_prefill, atol=2e-5, rtol=1e-5)
+    # fp32 round-off only: the cached 1-row steps and the full re-forward use different GEMM shapes,
+    # hence different BLAS kernels and summation orders (up to ~4e-5 on O(1) states, MKL on AMD EPYC).
+    torch.testing.assert_close(cached, uncached, atol=6e-5, rtol=1e-5)
+    torch.testing.assert_close(cached_prefill, uncached_prefill, atol=6e-5, rtol=1e-5)
     # The steps carry signal: consecutive generated states differ.
     assert (cached[:, 1:] - cached[:, :-1]).abs().amax() > 1e-2
 

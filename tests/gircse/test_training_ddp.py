@@ -67,7 +67,9 @@ def test_two_rank_gradients_equal_single_process(smollm2_tokenizer, tmp_path):
     for chunk in ("None", "4"):
         for r in results:
             assert torch.allclose(r[f"loss.{chunk}"], loss, rtol=1e-5)  # every rank: the global-batch loss
-            assert_grads_close({n: r[f"grad.{chunk}.{n}"] for n in single}, single)
+            # Each rank runs the op on half the rows with its own thread split: fp32 summation orders
+            # differ from the single process, and tau = 0.02 amplifies that to ~1e-4 relative.
+            assert_grads_close({n: r[f"grad.{chunk}.{n}"] for n in single}, single, rtol=3e-4)
 
     # train(): 2 ranks x batch 2 == 1 process x batch 4 (same rows per step, same negatives)
     from gircse import GIRCSE
