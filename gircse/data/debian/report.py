@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results = {}
     for item in args.results:
-        label, sep, path = item.partition("=")
+        label, sep, path = item.rpartition("=")  # labels may contain "=", paths rarely do
         if not sep:
             parser.error(f"results must be label=path.json, got {item!r}")
         with open(path) as f:
