@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from .triton_config import KernelConfig, choose_config
+from .triton_config import MAX_SPLITS, KernelConfig, choose_config
 
 # Shapes that reach every configuration: decode (B=1), mid and large batches; d that fits registers
 # (SmolLM-like widths are chunked) and a 7B-class width.
@@ -76,7 +76,7 @@ def _kernel_specs(cfg: KernelConfig, dtype: torch.dtype, variant: dict):
     need = dict(NEED_W=True, NEED_E=True, NEED_B=variant["HAS_BIAS"], MERGE=variant["MERGE"])
     return [
         ("forward_partials", tf._forward_partials_kernel, forward, blocks),
-        ("combine", tf._combine_kernel, combine, dict(BLOCK_S=256, BLOCK_DE=128)),
+        ("combine", tf._combine_kernel, combine, dict(BLOCK_S=MAX_SPLITS, BLOCK_DE=tf.COMBINE_BLOCK_DE)),
         ("backward_hidden", tf._backward_hidden_kernel, hidden, {**blocks, **filt}),
         ("backward_weights", tf._backward_weights_kernel, weights,
          {**blocks, **filt, **need, "BLOCK_V": cfg.weights_block_v}),
