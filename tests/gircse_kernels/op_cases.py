@@ -147,6 +147,29 @@ def check_backward(op, case: Case, device="cpu"):
                              natural_scale=1e-2 * natural[name])
 
 
+def check_grad_filter_bound(op, device="cpu"):
+    """``grad_filter_eps`` > 0 drops some gradient (peaked case) but stays within the documented bound
+    of ``gircse_kernels.grad_filter``; eps = 0 is exact and reproducible (bit-equal to a rerun)."""
+    from gircse_kernels.grad_filter import gradient_filter_bound
+
+    case = Case(lead=(4,), vocab=3000, d=32, peaked=True, logit_scale=40.0, bias=True)
+    h, w, e, b = make_inputs(case, device, requires_grad=True)
+    go = torch.randn(4, 32, generator=torch.Generator().manual_seed(2)).to(device)
+    exact = torch.autograd.grad(op(h, w, e, b), (h, w, e, b), go)
+    eps = 1e-4
+    filtered = torch.autograd.grad(op(h, w, e, b, grad_filter_eps=eps), (h, w, e, b), go)
+    bound = gradient_filter_bound(*(t.detach().cpu() for t in (h, w, e, b)), go.cpu(), eps=eps)
+    skipped_something = False
+    for name, x, y in zip(["hidden", "lm_head_weight", "embed_weight", "lm_head_bias"], exact, filtered):
+        err = (x - y).abs().max().item()
+        skipped_something |= err > 0
+        assert err <= bound[name], (name, err, bound[name])
+    assert skipped_something  # the filter really dropped tiles in this peaked case
+    again = torch.autograd.grad(op(h, w, e, b, grad_filter_eps=0.0), (h, w, e, b), go)
+    for x, y in zip(exact, again):
+        assert torch.equal(x, y)
+
+
 # The grid every backend runs: odd V, B=1, 3-D leading dims, all dtypes, tied/untied, bias,
 # temperature, softcap, peaked and huge logits, one large-d case.
 GRID = [

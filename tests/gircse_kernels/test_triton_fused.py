@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 from gircse_kernels import reference, soft_token_embedding  # noqa: E402
-from tests.gircse_kernels.op_cases import GRID, Case, check_backward, check_forward, make_inputs  # noqa: E402
+from tests.gircse_kernels.op_cases import (  # noqa: E402
+    GRID, Case, check_backward, check_forward, check_grad_filter_bound, make_inputs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -70,22 +71,7 @@ def test_weight_gradients_are_deterministic():
 
 
 def test_grad_filter_error_within_documented_bound():
-    from gircse_kernels.grad_filter import gradient_filter_bound
-
-    case = Case(lead=(4,), vocab=3000, d=32, peaked=True, logit_scale=40.0, bias=True)
-    h, w, e, b = make_inputs(case, DEVICE, requires_grad=True)
-    go = torch.randn(4, 32).to(DEVICE)
-    exact = torch.autograd.grad(op(h, w, e, b), (h, w, e, b), go)
-    eps = 1e-4
-    filtered = torch.autograd.grad(op(h, w, e, b, grad_filter_eps=eps), (h, w, e, b), go)
-    bound = gradient_filter_bound(h.detach().cpu(), w.detach().cpu(), e.detach().cpu(), b.detach().cpu(),
-                                  go.cpu(), eps=eps)
-    skipped_something = False
-    for name, x, y in zip(["hidden", "lm_head_weight", "embed_weight", "lm_head_bias"], exact, filtered):
-        err = (x - y).abs().max().item()
-        skipped_something |= err > 0
-        assert err <= bound[name], (name, err, bound[name])
-    assert skipped_something
+    check_grad_filter_bound(op, device=DEVICE)
 
 
 def test_non_contiguous_inputs():
