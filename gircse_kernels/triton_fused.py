@@ -98,6 +98,21 @@ def _raw_logits_chunked(h_ptr, stride_h, w_ptr, stride_w, rows, row_mask, vocab_
 
 
 @triton.jit
+def _add_product_chunked(out_ptr, out_rows, out_mask, a, x_ptr, x_rows, x_mask, stride_x, N,
+                         BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``out[out_rows, :N] += a @ x[x_rows, :N]`` in BLOCK_N-wide chunks: the fp32 rows of ``out``
+    (row-major, width N) are read, updated and written back by the one program that owns them."""
+    for c in range(0, N, BLOCK_N):
+        cols = c + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        x = _load_rows(x_ptr, x_rows, x_mask, stride_x, cols, col_mask)
+        offs = out_rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = out_mask[:, None] & col_mask[None, :]
+        prev = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, _dot(a.to(x.dtype), x, prev, UPCAST, IEEE), mask=mask)
+
+
+@triton.jit
 def _finish_logits(s, b_ptr, vocab_rows, vocab_mask, inv_temperature, softcap,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Raw h W^T -> final logits z: + bias, / T, softcap; -inf outside the vocabulary range."""
@@ -305,15 +320,8 @@ def _backward_hidden_kernel(
             if SINGLE_D:
                 dh = _dot(dz.to(w.dtype), w, dh, UPCAST, IEEE)
             else:
-                for k in range(0, D, BLOCK_D):
-                    dk = k + d_all
-                    d_mask = dk < D
-                    w_chunk = _load_rows(w_ptr, vocab_rows, vocab_mask, stride_w, dk, d_mask)
-                    offs = ws_rows[:, None] * D + dk[None, :]
-                    ws_mask = row_mask[:, None] & d_mask[None, :]
-                    prev = tl.load(part_dh_ptr + offs, mask=ws_mask, other=0.0)
-                    tl.store(part_dh_ptr + offs, _dot(dz.to(w_chunk.dtype), w_chunk, prev, UPCAST, IEEE),
-                             mask=ws_mask)
+                _add_product_chunked(part_dh_ptr, ws_rows, row_mask, dz, w_ptr, vocab_rows, vocab_mask, stride_w,
+                                     D, BLOCK_D, UPCAST, IEEE)
     if SINGLE_D:
         tl.store(part_dh_ptr + ws_rows[:, None] * D + d_all[None, :], dh,
                  mask=row_mask[:, None] & (d_all < D)[None, :])
@@ -375,27 +383,15 @@ def _backward_weights_kernel(
                 if SINGLE_D:
                     dw = _dot(dz_t, h, dw, UPCAST, IEEE)
                 else:
-                    for k in range(0, D, BLOCK_D):
-                        dk = k + d_all
-                        d_mask = dk < D
-                        h_chunk = _load_rows(h_ptr, rows, row_mask, stride_h, dk, d_mask)
-                        offs = v_rows64[:, None] * D + dk[None, :]
-                        mask = vocab_mask[:, None] & d_mask[None, :]
-                        prev = tl.load(dw_ptr + offs, mask=mask, other=0.0)
-                        tl.store(dw_ptr + offs, _dot(dz_t, h_chunk, prev, UPCAST, IEEE), mask=mask)
+                    _add_product_chunked(dw_ptr, vocab_rows, vocab_mask, dz_t, h_ptr, rows, row_mask, stride_h,
+                                         D, BLOCK_D, UPCAST, IEEE)
             if NEED_E:
                 p_t = tl.trans(p.to(g_ptr.dtype.element_ty))
                 if ACC_IN_REGS:
                     dem = _dot(p_t, g, dem, UPCAST, IEEE)
                 else:
-                    for c in range(0, DE, BLOCK_DE):
-                        de = c + de_all
-                        de_mask = de < DE
-                        g_chunk = _load_rows(g_ptr, rows, row_mask, stride_g, de, de_mask)
-                        offs = v_rows64[:, None] * DE + de[None, :]
-                        mask = vocab_mask[:, None] & de_mask[None, :]
-                        prev = tl.load(de_ptr + offs, mask=mask, other=0.0)
-                        tl.store(de_ptr + offs, _dot(p_t, g_chunk, prev, UPCAST, IEEE), mask=mask)
+                    _add_product_chunked(de_ptr, vocab_rows, vocab_mask, p_t, g_ptr, rows, row_mask, stride_g,
+                                         DE, BLOCK_DE, UPCAST, IEEE)
 
     if NEED_W and SINGLE_D:
         tl.store(dw_ptr + v_rows64[:, None] * D + d_all[None, :], dw, mask=vocab_mask[:, None] & (d_all < D)[None, :])
