@@ -132,6 +132,28 @@ std::optional<Tensor> bias_tile(const std::optional<Tensor>& bias, int64_t v0, i
   return bias->narrow(0, v0, n);
 }
 
+// Calls fn(split, v0, n, w_tile, e_tile, b_tile) for every vocabulary tile [v0, v0 + n), the splits
+// spread over ATen threads (each split's tiles in order, on one thread). Grad and inference mode are
+// thread-local: workers run without grad, in the caller's inference mode.
+template <typename Fn>
+void for_each_tile(const Tiling& t, const Tensor& weight, const Tensor& embed, const std::optional<Tensor>& bias,
+                   bool tied, const Fn& fn) {
+  const int64_t vocab = weight.size(0);
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
+    c10::InferenceMode inference_guard(inference);
+    at::NoGradGuard worker_no_grad;
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      const auto [first, last] = split_range(t, s);
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t v0 = tile * t.tile_v, n = std::min(t.tile_v, vocab - v0);
+        const Tensor w_tile = weight.narrow(0, v0, n);
+        fn(s, v0, n, w_tile, tied ? w_tile : embed.narrow(0, v0, n), bias_tile(bias, v0, n));
+      }
+    }
+  });
+}
+
 void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& embed,
                   const std::optional<Tensor>& bias) {
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && embed.device().is_cpu(),
@@ -185,32 +207,20 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   Tensor acc = at::zeros({t.splits, rows, d_e}, f32);
   const Tensor h_ct = hidden.to(ct);
 
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
-    // Grad and inference mode are thread-local: workers run without grad, in the caller's inference mode.
-    c10::InferenceMode inference_guard(inference);
-    at::NoGradGuard worker_no_grad;
-    for (int64_t s = s_begin; s < s_end; ++s) {
-      const auto [first, last] = split_range(t, s);
-      for (int64_t tile = first; tile < last; ++tile) {
-        const int64_t v0 = tile * t.tile_v, n = std::min(t.tile_v, vocab - v0);
-        const Tensor w_tile = weight.narrow(0, v0, n);
-        const Tensor e_tile = tied ? w_tile : embed.narrow(0, v0, n);
-        const auto b_tile = bias_tile(bias, v0, n);
-        for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
-          const int64_t m = std::min(t.row_block, rows - r0);
-          Tensor z = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, nullptr);
-          Tensor mx = run_max[s].narrow(0, r0, m), sm = run_sum[s].narrow(0, r0, m);
-          Tensor ac = acc[s].narrow(0, r0, m);
-          const Tensor new_max = at::maximum(mx, z.amax(1));
-          const Tensor rescale = (mx - new_max).exp_();  // exp(-inf) = 0 on the first tile
-          Tensor p = z.sub_(new_max.unsqueeze(1)).exp_();  // at::vec (Sleef) exp, AVX2/AVX512 dispatch
-          sm.mul_(rescale).add_(p.sum(1));
-          ac.mul_(rescale.unsqueeze(1));
-          mm_into(ac, p.to(ct), e_tile, /*accumulate=*/true);
-          mx.copy_(new_max);
-        }
-      }
+  for_each_tile(t, weight, embed, bias, tied, [&](int64_t s, int64_t, int64_t, const Tensor& w_tile,
+                                               const Tensor& e_tile, const std::optional<Tensor>& b_tile) {
+    for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
+      const int64_t m = std::min(t.row_block, rows - r0);
+      Tensor z = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, nullptr);
+      Tensor mx = run_max[s].narrow(0, r0, m), sm = run_sum[s].narrow(0, r0, m);
+      Tensor ac = acc[s].narrow(0, r0, m);
+      const Tensor new_max = at::maximum(mx, z.amax(1));
+      const Tensor rescale = (mx - new_max).exp_();  // exp(-inf) = 0 on the first tile
+      Tensor p = z.sub_(new_max.unsqueeze(1)).exp_();  // at::vec (Sleef) exp, AVX2/AVX512 dispatch
+      sm.mul_(rescale).add_(p.sum(1));
+      ac.mul_(rescale.unsqueeze(1));
+      mm_into(ac, p.to(ct), e_tile, /*accumulate=*/true);
+      mx.copy_(new_max);
     }
   });
 
@@ -278,66 +288,55 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
   if (embed_grad) d_embed = at::empty({vocab, d_e}, embed.options());
   if (need_bias) d_bias = at::empty({vocab}, bias->options());
 
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, t.splits, 1, [&](int64_t s_begin, int64_t s_end) {
-    c10::InferenceMode inference_guard(inference);
-    at::NoGradGuard worker_no_grad;
-    for (int64_t s = s_begin; s < s_end; ++s) {
-      const auto [first, last] = split_range(t, s);
-      for (int64_t tile = first; tile < last; ++tile) {
-        const int64_t v0 = tile * t.tile_v, n = std::min(t.tile_v, vocab - v0);
-        const Tensor w_tile = weight.narrow(0, v0, n);
-        const Tensor e_tile = tied ? w_tile : embed.narrow(0, v0, n);
-        const auto b_tile = bias_tile(bias, v0, n);
-        // fp32 accumulators of this tile's weight-gradient rows, over all row blocks.
-        Tensor dw_acc = need_weight ? at::zeros({n, d}, f32) : Tensor();
-        Tensor de_acc = embed_grad ? at::zeros({n, d_e}, f32) : Tensor();
-        Tensor db_acc = need_bias ? at::zeros({n}, f32) : Tensor();
-        for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
-          const int64_t m = std::min(t.row_block, rows - r0);
-          Tensor cap_grad, p, dz;
-          if (stacked) {  // tied: logits and dp = dO W^T from one GEMM over the same W tile
-            Tensor both = at::empty({2 * m, n}, f32);
-            mm_into(both, stacked_blocks[r0 / t.row_block], w_tile.t(), /*accumulate=*/false);
-            p = both.narrow(0, 0, m);
-            dz = both.narrow(0, m, m);
-            finish_logits(p, b_tile, prm, softcap ? &cap_grad : nullptr);
-          } else {
-            p = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, softcap ? &cap_grad : nullptr);
-          }
-          p.sub_(lse.narrow(0, r0, m).unsqueeze(1)).exp_();
-          // Gradient filter: skip a (row block, tile) whose probabilities are all below eps.
-          if (grad_filter_eps > 0.0 && p.max().item<float>() < grad_filter_eps) continue;
-          const Tensor g_blk = g_ct.narrow(0, r0, m);
-          if (need_dz) {
-            if (!stacked) {
-              dz = at::empty({m, n}, f32);
-              mm_into(dz, g_blk, e_tile.t(), /*accumulate=*/false);  // dp = dO E^T
-            }
-            if (refine_dp) {
-              const Tensor big = (p > kRefineP).nonzero();  // [k, 2] (row, column) pairs
-              if (big.size(0) > 0) {
-                const Tensor ri = big.select(1, 0), cj = big.select(1, 1);
-                const Tensor exact = (g32.narrow(0, r0, m).index_select(0, ri) *
-                                      e_tile.index_select(0, cj).to(at::kFloat)).sum(1);
-                dz.index_put_({ri, cj}, exact);
-              }
-            }
-            dz.sub_(delta.narrow(0, r0, m).unsqueeze(1)).mul_(p);   // dz = p (dp - delta)
-            if (softcap) dz.mul_(cap_grad);
-            if (temperature != 1.0) dz.div_(temperature);          // d raw logit
-            const Tensor dz_ct = dz.to(ct);
-            if (need_hidden) mm_into(dh_part[s].narrow(0, r0, m), dz_ct, w_tile, true);
-            if (need_weight) mm_into(dw_acc, dz_ct.t(), h_ct.narrow(0, r0, m), true);
-            if (need_bias) db_acc.add_(dz.sum(0));
-          }
-          if (need_embed) mm_into(merge_tied_grads ? dw_acc : de_acc, p.to(ct).t(), g_blk, true);
-        }
-        if (need_weight) d_weight->narrow(0, v0, n).copy_(dw_acc);
-        if (embed_grad) d_embed->narrow(0, v0, n).copy_(de_acc);
-        if (need_bias) d_bias->narrow(0, v0, n).copy_(db_acc);
+  for_each_tile(t, weight, embed, bias, tied, [&](int64_t s, int64_t v0, int64_t n, const Tensor& w_tile,
+                                               const Tensor& e_tile, const std::optional<Tensor>& b_tile) {
+    // fp32 accumulators of this tile's weight-gradient rows, over all row blocks.
+    Tensor dw_acc = need_weight ? at::zeros({n, d}, f32) : Tensor();
+    Tensor de_acc = embed_grad ? at::zeros({n, d_e}, f32) : Tensor();
+    Tensor db_acc = need_bias ? at::zeros({n}, f32) : Tensor();
+    for (int64_t r0 = 0; r0 < rows; r0 += t.row_block) {
+      const int64_t m = std::min(t.row_block, rows - r0);
+      Tensor cap_grad, p, dz;
+      if (stacked) {  // tied: logits and dp = dO W^T from one GEMM over the same W tile
+        Tensor both = at::empty({2 * m, n}, f32);
+        mm_into(both, stacked_blocks[r0 / t.row_block], w_tile.t(), /*accumulate=*/false);
+        p = both.narrow(0, 0, m);
+        dz = both.narrow(0, m, m);
+        finish_logits(p, b_tile, prm, softcap ? &cap_grad : nullptr);
+      } else {
+        p = tile_logits(h_ct.narrow(0, r0, m), w_tile, b_tile, prm, softcap ? &cap_grad : nullptr);
       }
+      p.sub_(lse.narrow(0, r0, m).unsqueeze(1)).exp_();
+      // Gradient filter: skip a (row block, tile) whose probabilities are all below eps.
+      if (grad_filter_eps > 0.0 && p.max().item<float>() < grad_filter_eps) continue;
+      const Tensor g_blk = g_ct.narrow(0, r0, m);
+      if (need_dz) {
+        if (!stacked) {
+          dz = at::empty({m, n}, f32);
+          mm_into(dz, g_blk, e_tile.t(), /*accumulate=*/false);  // dp = dO E^T
+        }
+        if (refine_dp) {
+          const Tensor big = (p > kRefineP).nonzero();  // [k, 2] (row, column) pairs
+          if (big.size(0) > 0) {
+            const Tensor ri = big.select(1, 0), cj = big.select(1, 1);
+            const Tensor exact = (g32.narrow(0, r0, m).index_select(0, ri) *
+                                  e_tile.index_select(0, cj).to(at::kFloat)).sum(1);
+            dz.index_put_({ri, cj}, exact);
+          }
+        }
+        dz.sub_(delta.narrow(0, r0, m).unsqueeze(1)).mul_(p);   // dz = p (dp - delta)
+        if (softcap) dz.mul_(cap_grad);
+        if (temperature != 1.0) dz.div_(temperature);          // d raw logit
+        const Tensor dz_ct = dz.to(ct);
+        if (need_hidden) mm_into(dh_part[s].narrow(0, r0, m), dz_ct, w_tile, true);
+        if (need_weight) mm_into(dw_acc, dz_ct.t(), h_ct.narrow(0, r0, m), true);
+        if (need_bias) db_acc.add_(dz.sum(0));
+      }
+      if (need_embed) mm_into(merge_tied_grads ? dw_acc : de_acc, p.to(ct).t(), g_blk, true);
     }
+    if (need_weight) d_weight->narrow(0, v0, n).copy_(dw_acc);
+    if (embed_grad) d_embed->narrow(0, v0, n).copy_(de_acc);
+    if (need_bias) d_bias->narrow(0, v0, n).copy_(db_acc);
   });
 
   std::optional<Tensor> d_hidden;
