@@ -12,7 +12,9 @@ Backend contract (shared by every backend module, see ``autograd.py``):
 ``forward(...) -> (out32 [B, d_e] fp32, lse [B] fp32)`` and
 ``backward(...) -> (d_hidden, d_lm_head_weight, d_embed_weight, d_lm_head_bias)``.
 Parallel over vocabulary splits (one per ATen thread, so B = 1 uses every core), fp32/bf16 natively
-(fp16 tiles are upcast to fp32), never a [B, V] buffer.
+(fp16 tiles are upcast to fp32), never a [B, V] buffer. Batches of at most ``STREAM_ROWS`` rows (the
+cached-decoding case) take a streaming path that reads each W / E row once per call instead of tile
+GEMMs.
 """
 from __future__ import annotations
 
@@ -92,6 +94,19 @@ def _ext_or_raise() -> types.ModuleType:
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Batches of at most this many rows take the streaming path of csrc/soft_token_embedding.cpp: -1 =
+# the extension's default (bf16: 4, fp32 / fp16: 8, measured by bench/test_bench_cpu_small_batch.py),
+# 0 = never, at most 16. A
+# ``stream_rows`` argument overrides it per call; tests set it to run both paths on one grid.
+STREAM_ROWS = -1
+
+
+def _stream_rows(value):
+    value = STREAM_ROWS if value is None else value
+    if not isinstance(value, int) or not -1 <= value <= 16:
+        raise ValueError(f"backend 'cpu': stream_rows must be an int in [-1, 16], got {value!r}")
+    return value
+
 
 def _check(hidden, lm_head_weight, embed_weight, lm_head_bias):
     for name, t in (("hidden", hidden), ("lm_head_weight", lm_head_weight), ("embed_weight", embed_weight),
@@ -110,22 +125,23 @@ def _check(hidden, lm_head_weight, embed_weight, lm_head_bias):
 
 
 def forward(hidden, lm_head_weight, embed_weight, lm_head_bias, *, temperature, softcap, tied=False,
-            tile_v=0, row_block=0):
-    """``(out32, lse)``; ``tile_v`` / ``row_block`` override the automatic tiling (0 = automatic)."""
+            tile_v=0, row_block=0, stream_rows=None):
+    """``(out32, lse)``; ``tile_v`` / ``row_block`` override the automatic tiling (0 = automatic),
+    ``stream_rows`` the small-batch threshold (None = ``STREAM_ROWS``)."""
     _check(hidden, lm_head_weight, embed_weight, lm_head_bias)
     return _ext_or_raise().forward(hidden, lm_head_weight, embed_weight, lm_head_bias, float(temperature),
                                    None if softcap is None else float(softcap), bool(tied), int(tile_v),
-                                   int(row_block))
+                                   int(row_block), _stream_rows(stream_rows))
 
 
 def backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, *, temperature,
              softcap, tied=False, need_hidden=True, need_weight=False, need_embed=False, need_bias=False,
-             merge_tied_grads=False, grad_filter_eps=0.0, tile_v=0, row_block=0):
+             merge_tied_grads=False, grad_filter_eps=0.0, tile_v=0, row_block=0, stream_rows=None):
     _check(hidden, lm_head_weight, embed_weight, lm_head_bias)
     return _ext_or_raise().backward(
         grad_out.to(hidden.dtype).contiguous(), hidden, lm_head_weight, embed_weight, lm_head_bias,
         lse.float().contiguous(), delta.float().contiguous(), float(temperature),
         None if softcap is None else float(softcap), bool(tied), bool(need_hidden), bool(need_weight),
         bool(need_embed), bool(need_bias and lm_head_bias is not None), bool(merge_tied_grads),
-        float(grad_filter_eps), int(tile_v), int(row_block),
+        float(grad_filter_eps), int(tile_v), int(row_block), _stream_rows(stream_rows),
     )

@@ -25,18 +25,73 @@ def num_threads(n):
         torch.set_num_threads(old)
 
 
+# Both C++ paths run the grid: "tiles" (tile GEMMs) and "stream" (the small-batch path, up to 16 rows).
+PATHS = {"tiles": 0, "stream": 16}
+
+
+def _rows(case):
+    return functools.reduce(lambda a, b: a * b, case.lead, 1)
+
+
+def _grid(path, cases):
+    return [(path, c) for c in cases if path == "tiles" or _rows(c) <= PATHS["stream"]]
+
+
+@pytest.fixture
+def cpu_path(request, monkeypatch):
+    monkeypatch.setattr(cpu, "STREAM_ROWS", PATHS[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("case", GRID, ids=str)
-def test_forward_matches_reference(case, threads):
+@pytest.mark.parametrize("cpu_path,case", _grid("tiles", GRID) + _grid("stream", GRID), ids=str,
+                         indirect=["cpu_path"])
+def test_forward_matches_reference(cpu_path, case, threads):
     with num_threads(threads):
         check_forward(op, case)
 
 
+_BACKWARD_GRID = [c for c in GRID if c.vocab * c.d <= 1_000_000]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("case", [c for c in GRID if c.vocab * c.d <= 1_000_000], ids=str)
-def test_backward_matches_reference(case, threads):
+@pytest.mark.parametrize("cpu_path,case", _grid("tiles", _BACKWARD_GRID) + _grid("stream", _BACKWARD_GRID),
+                         ids=str, indirect=["cpu_path"])
+def test_backward_matches_reference(cpu_path, case, threads):
     with num_threads(threads):
         check_backward(op, case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_stream_path_matches_tile_path_all_grads(dtype):
+    """Small batches (B = 1..16, V below and above 64 rows per thread, bias, temperature, softcap):
+    the streaming path against the tile path, forward and every gradient, 1 and 2 threads."""
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    for rows, vocab, tied in [(1, 7, False), (2, 200, True), (5, 1001, False), (16, 333, True)]:
+        case = Case(lead=(rows,), vocab=vocab, d=40, d_embed=24, bias=True, dtype=dtype, tied=tied)
+        h, w, e, b = make_inputs(case)
+        g = torch.randn(rows, e.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
+        kw = dict(temperature=0.8, softcap=6.0, tied=tied)
+        results = []
+        for threads in (1, 2):
+            with num_threads(threads):
+                for stream_rows in (0, 16):
+                    out32, lse = cpu.forward(h, w, e, b, stream_rows=stream_rows, **kw)
+                    delta = (g.float() * out32).sum(-1)
+                    grads = cpu.backward(g, h, w, e, b, lse, delta, stream_rows=stream_rows, need_hidden=True,
+                                         need_weight=True, need_embed=not tied, need_bias=True,
+                                         merge_tied_grads=False, **kw)
+                    results.append((out32, lse) + tuple(x for x in grads if x is not None))
+        for other in results[1:]:
+            for x, y in zip(other, results[0]):
+                torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol * y.abs().max().item())
+
+
+def test_stream_rows_argument_is_validated():
+    h, w = torch.randn(2, 8), torch.randn(5, 8)
+    for bad in (17, -2, 2.5):
+        with pytest.raises(ValueError, match="stream_rows"):
+            cpu.forward(h, w, w, None, temperature=1.0, softcap=None, stream_rows=bad)
 
 
 def _fwd(h, w, e, b, **kw):
@@ -53,7 +108,8 @@ def test_tiling_and_threads_do_not_matter(dtype):
     for threads in (1, 2):
         with num_threads(threads):
             for tile_v, row_block in [(0, 0), (1, 1), (7, 5), (100, 13), (258, 4)]:
-                out, lse = _fwd(h, w, e, b, temperature=0.7, softcap=4.0, tile_v=tile_v, row_block=row_block)
+                out, lse = _fwd(h, w, e, b, temperature=0.7, softcap=4.0, tile_v=tile_v, row_block=row_block,
+                                stream_rows=0)
                 torch.testing.assert_close(out, ref, **tol)
                 torch.testing.assert_close(lse, ref_lse, **tol)
 
@@ -70,7 +126,8 @@ def test_backward_tiling_matches_chunked_all_grads():
     for threads in (1, 2):
         with num_threads(threads):
             for tile_v, row_block in [(0, 0), (7, 4), (64, 1)]:
-                got = cpu.backward(g, h, w, e, b, lse, delta, tile_v=tile_v, row_block=row_block, **kw)
+                got = cpu.backward(g, h, w, e, b, lse, delta, tile_v=tile_v, row_block=row_block, stream_rows=0,
+                                   **kw)
                 for x, y in zip(got, ref):
                     torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     only_embed = cpu.backward(g, h, w, e, b, lse, delta, temperature=1.3, softcap=None, need_hidden=False,
@@ -109,7 +166,8 @@ def test_non_contiguous_weight_rows():
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_grad_filter_error_within_documented_bound():
+@pytest.mark.parametrize("cpu_path", ["tiles", "stream"], indirect=True)
+def test_grad_filter_error_within_documented_bound(cpu_path):
     check_grad_filter_bound(op)
 
 
@@ -131,9 +189,10 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("rows", [1, 300])
+@pytest.mark.parametrize("rows", [1, 8, 300])
 def test_never_allocates_batch_by_vocab(rows):
-    """No op inside forward or backward returns a tensor of more than B*V/2 elements (or V: d_bias)."""
+    """No op inside forward or backward returns a tensor of more than B*V/2 elements (or V: d_bias).
+    fp32 B <= 8 takes the streaming path (no GEMM at all), B = 300 the tile GEMMs."""
     vocab, d = 4099, 8
     h, w, e, b = make_inputs(Case(lead=(rows,), vocab=vocab, d=d, bias=True))
     g = torch.randn(rows, d)
@@ -143,7 +202,8 @@ def test_never_allocates_batch_by_vocab(rows):
         fwd_ops = set(mode.ops)
         cpu.backward(g, h, w, e, b, lse, (g * out32).sum(-1), temperature=1.0, softcap=2.0,
                      need_hidden=True, need_weight=False, need_embed=False, need_bias=True)
-    assert any("mm" in f for f in fwd_ops)  # the mode really saw the C++ tile GEMMs
+    # The mode really sees the C++ tile GEMMs; the streaming path has none.
+    assert any("mm" in f for f in fwd_ops) == (rows > 8), fwd_ops
     biggest = max(mode.sizes)
     assert biggest[0] <= max(rows * vocab // 2, vocab), biggest
 
