@@ -96,14 +96,14 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Batches of at most this many rows take the streaming path of csrc/soft_token_embedding.cpp: -1 =
 # the extension's default (bf16: 4, fp32 / fp16: 8, measured by bench/test_bench_cpu_small_batch.py),
-# 0 = never, at most 16. A
-# ``stream_rows`` argument overrides it per call; tests set it to run both paths on one grid.
+# 0 = never, at most 16. A ``stream_rows`` argument overrides it per call; tests set it to run both
+# paths on one grid.
 STREAM_ROWS = -1
 
 
 def _stream_rows(value):
     value = STREAM_ROWS if value is None else value
-    if not isinstance(value, int) or not -1 <= value <= 16:
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 16:
         raise ValueError(f"backend 'cpu': stream_rows must be an int in [-1, 16], got {value!r}")
     return value
 

@@ -89,7 +89,7 @@ def test_stream_path_matches_tile_path_all_grads(dtype):
 
 def test_stream_rows_argument_is_validated():
     h, w = torch.randn(2, 8), torch.randn(5, 8)
-    for bad in (17, -2, 2.5):
+    for bad in (17, -2, 2.5, True):
         with pytest.raises(ValueError, match="stream_rows"):
             cpu.forward(h, w, w, None, temperature=1.0, softcap=None, stream_rows=bad)
 
