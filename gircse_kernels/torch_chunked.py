@@ -46,12 +46,17 @@ def forward(hidden, lm_head_weight, embed_weight, lm_head_bias, *, temperature, 
         hi = min(lo + step, vocab)
         z, _ = _chunk_logits(h32, lm_head_weight, lm_head_bias, lo, hi, temperature, softcap)
         new_max = torch.maximum(running_max, z.amax(dim=1, keepdim=True))
-        rescale = torch.exp(running_max - new_max)
-        p = torch.exp(z - new_max)
+        # Safe max (FlashAttention): while every logit seen so far is -inf (a masked vocabulary),
+        # subtract 0 instead of -inf, so p = exp(-inf) = 0 rather than exp(-inf - -inf) = NaN.
+        safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = torch.exp(running_max - safe_max)
+        p = torch.exp(z - safe_max)
         values = lm_head_weight[lo:hi] if tied else embed_weight[lo:hi]
         acc = acc * rescale + p @ values.float()
         running_sum = running_sum * rescale + p.sum(dim=1, keepdim=True)
         running_max = new_max
+    # A row whose every logit is -inf keeps sum 0: out = 0/0 = NaN and lse = -inf, exactly what
+    # torch.softmax of an all -inf row gives (and the backward's exp(z - lse) stays NaN for it).
     out32 = acc / running_sum
     lse = (running_max + torch.log(running_sum)).squeeze(1)
     return out32, lse

@@ -30,6 +30,7 @@ class Case:
     softcap: float | None = None
     logit_scale: float = 3.0  # typical |logit|; 1e4 for the "huge logits" cases
     peaked: bool = False  # some LM-head rows equal to hidden rows (near one-hot distributions)
+    mask: str | None = None  # vocabulary mask in the bias (-inf entries): see MASKS
     seed: int = 0
 
     @property
@@ -42,6 +43,8 @@ class Case:
         for flag in ("tied", "bias", "peaked"):
             if getattr(self, flag):
                 parts.append(flag)
+        if self.mask is not None:
+            parts.append(f"mask-{self.mask}")
         if self.temperature != 1.0:
             parts.append(f"T{self.temperature}")
         if self.softcap is not None:
@@ -51,8 +54,37 @@ class Case:
         return "-".join(parts)
 
 
+# Vocabulary masks (entries of the bias set to -inf), each a hazard for an online softmax:
+#   tail: the last 40% masked (the last tiles and splits are empty).
+#   head: all but the last 100 entries masked, so the first tile of every split but the last is
+#         entirely -inf (an online softmax must not compute exp(-inf - -inf)), and whole splits are
+#         empty (the combine must skip them).
+#   sparse: one entry in 97 survives: most tiles are fully masked, some hold one survivor.
+#   one: a single survivor (p is one-hot).
+#   all: every entry masked: each row is an all -inf row, which torch.softmax (and so the reference)
+#        turns into NaN; see check_fully_masked.
+MASKS = ("tail", "head", "sparse", "one", "all")
+
+
+def vocab_mask(mask: str, vocab: int) -> torch.Tensor:
+    """Boolean [V]: True where the vocabulary entry is masked (bias = -inf)."""
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    j = torch.arange(vocab)
+    if mask == "tail":
+        return j >= vocab - (2 * vocab) // 5
+    if mask == "head":
+        return j < vocab - min(100, vocab)
+    if mask == "sparse":
+        return j % 97 != 96 % vocab
+    if mask == "one":
+        return j != vocab // 3
+    return torch.ones(vocab, dtype=torch.bool)
+
+
 def make_inputs(case: Case, device="cpu", requires_grad=False):
-    """(hidden, lm_head_weight, embed_weight, bias) in ``case.dtype``; E is W when tied."""
+    """(hidden, lm_head_weight, embed_weight, bias) in ``case.dtype``; E is W when tied. A masked case
+    always has a bias (zero where ``case.bias`` is False) with -inf at the masked entries."""
     g = torch.Generator().manual_seed(case.seed)
     hidden = torch.randn(*case.lead, case.d, generator=g, dtype=torch.float64)
     weight = torch.randn(case.vocab, case.d, generator=g, dtype=torch.float64)
@@ -66,6 +98,9 @@ def make_inputs(case: Case, device="cpu", requires_grad=False):
     weight *= case.logit_scale ** 0.5
     embed = None if case.tied else torch.randn(case.vocab, case.de, generator=g, dtype=torch.float64)
     bias = torch.randn(case.vocab, generator=g, dtype=torch.float64) if case.bias else None
+    if case.mask is not None:
+        bias = torch.zeros(case.vocab, dtype=torch.float64) if bias is None else bias
+        bias[vocab_mask(case.mask, case.vocab)] = float("-inf")
     tensors = [hidden, weight, embed, bias]
     out = [None if t is None else t.to(device=device, dtype=case.dtype).requires_grad_(requires_grad)
            for t in tensors]
@@ -170,8 +205,28 @@ def check_grad_filter_bound(op, device="cpu"):
         assert torch.equal(x, y)
 
 
+def check_fully_masked(op, device="cpu", dtype=torch.float32, tied=False):
+    """Every vocabulary entry masked: the op behaves exactly like ``torch.softmax`` of an all -inf
+    row, as the reference does: the output is NaN, and so is every gradient (hidden, W, E, bias)."""
+    case = Case(lead=(3,), vocab=700, d=96, dtype=dtype, tied=tied, mask="all")
+    inputs = make_inputs(case, device, requires_grad=True)
+    out = op(*inputs)
+    assert out.shape == (3, 96) and out.dtype == dtype
+    assert torch.isnan(out).all(), "fully masked rows must give NaN, like torch.softmax of an all -inf row"
+    leaves = [t for i, t in enumerate(inputs) if not (tied and i == 2)]
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    ref_inputs = make_inputs(case, "cpu", requires_grad=True)
+    ref_leaves = [t for i, t in enumerate(ref_inputs) if not (tied and i == 2)]
+    ref_out = reference.soft_token_embedding(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, torch.randn_like(ref_out))
+    for name, g, r in zip(["hidden", "lm_head_weight", "embed_weight", "lm_head_bias"], grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert torch.equal(torch.isnan(g.cpu()), torch.isnan(r)), f"grad {name}: NaN pattern differs from torch"
+
+
 # The grid every backend runs: odd V, B=1, 3-D leading dims, all dtypes, tied/untied, bias,
-# temperature, softcap, peaked and huge logits, one large-d case.
+# temperature, softcap (alone and with temperature), peaked and huge logits, large d, masked
+# vocabularies.
 GRID = [
     Case(lead=(1,), vocab=1, d=16),
     Case(lead=(3,), vocab=7, d=16, bias=True),
@@ -190,4 +245,21 @@ GRID = [
     Case(lead=(3,), vocab=50257, d=16, dtype=torch.bfloat16, tied=True, bias=True),
     Case(lead=(2,), vocab=100, d=1536, d_embed=1536),
     Case(lead=(3,), vocab=37, d=1536, dtype=torch.bfloat16, tied=True),
+    # temperature and softcap together, both with real effect (|z / T| well beyond the cap)
+    Case(lead=(4,), vocab=1000, d=96, bias=True, temperature=0.5, softcap=4.0, logit_scale=20.0),
+    Case(lead=(4,), vocab=1000, d=96, dtype=torch.bfloat16, temperature=2.0, softcap=4.0, logit_scale=40.0),
+    # fp16 across the paths
+    Case(lead=(17,), vocab=1000, d=96, dtype=torch.float16, bias=True, temperature=0.5),
+    Case(lead=(1,), vocab=5003, d=64, dtype=torch.float16),
+    Case(lead=(3,), vocab=1000, d=16, dtype=torch.float16, logit_scale=1e3, peaked=True),
+    Case(lead=(5,), vocab=777, d=200, d_embed=150, dtype=torch.float16, softcap=10.0, logit_scale=20.0),
+    # masked vocabularies (see MASKS)
+    Case(lead=(5,), vocab=1000, d=96, mask="tail"),
+    Case(lead=(17,), vocab=5000, d=48, mask="head"),
+    Case(lead=(1,), vocab=5000, d=48, dtype=torch.bfloat16, mask="head", bias=True),
+    Case(lead=(3,), vocab=3001, d=96, dtype=torch.bfloat16, mask="sparse"),
+    Case(lead=(2,), vocab=999, d=96, dtype=torch.float16, mask="one"),
+    Case(lead=(3,), vocab=1000, d=96, mask="tail", temperature=0.7, softcap=5.0, logit_scale=30.0),
+    Case(lead=(3,), vocab=2000, d=576, dtype=torch.bfloat16, tied=True, mask="head"),
+    Case(lead=(3,), vocab=777, d=200, d_embed=150, mask="sparse", bias=True),
 ]

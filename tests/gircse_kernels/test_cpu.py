@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gircse_kernels import cpu, soft_token_embedding, torch_chunked
 from tests.gircse_kernels.op_cases import (
-    GRID, Case, check_backward, check_forward, check_grad_filter_bound, make_inputs)
+    GRID, Case, check_backward, check_forward, check_fully_masked, check_grad_filter_bound, make_inputs)
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C++ extension unavailable: {cpu.load_error()}")
 
@@ -254,3 +254,9 @@ def test_worker_threads_inherit_grad_and_inference_mode(mode):
                              need_hidden=True, need_weight=True, need_embed=True, need_bias=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert all(x is not None and torch.isfinite(x).all() for x in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_fully_masked_rows_behave_like_torch_softmax(dtype, tied):
+    check_fully_masked(op, dtype=dtype, tied=tied)

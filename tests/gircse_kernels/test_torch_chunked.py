@@ -5,7 +5,7 @@ import torch
 
 from gircse_kernels import soft_token_embedding
 from tests.gircse_kernels.op_cases import (
-    GRID, Case, check_backward, check_forward, check_grad_filter_bound, make_inputs)
+    GRID, Case, check_backward, check_forward, check_fully_masked, check_grad_filter_bound, make_inputs)
 
 op = functools.partial(soft_token_embedding, backend="torch")
 
@@ -32,3 +32,9 @@ def test_chunk_boundaries_do_not_matter():
 
 def test_grad_filter_error_within_documented_bound():
     check_grad_filter_bound(op)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_fully_masked_rows_behave_like_torch_softmax(dtype, tied):
+    check_fully_masked(op, dtype=dtype, tied=tied)

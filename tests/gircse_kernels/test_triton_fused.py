@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from gircse_kernels import reference, soft_token_embedding  # noqa: E402
 from tests.gircse_kernels.op_cases import (  # noqa: E402
-    GRID, Case, check_backward, check_forward, check_grad_filter_bound, make_inputs)
+    GRID, Case, check_backward, check_forward, check_fully_masked, check_grad_filter_bound, make_inputs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -115,3 +115,9 @@ def test_nothing_of_size_batch_times_vocab_is_allocated(backend):
         assert biggest[0] >= limit  # the recorder does see a materialized [B, V]
     else:
         assert biggest[0] < limit, biggest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_fully_masked_rows_behave_like_torch_softmax(dtype, tied):
+    check_fully_masked(op, device=DEVICE, dtype=dtype, tied=tied)
