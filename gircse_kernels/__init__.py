@@ -5,13 +5,11 @@ Forward and backward never materialize the [B, V] logits or probabilities. Backe
 ``gircse_kernels.reference`` is the materializing specification they are all tested against.
 """
 from . import reference
-from .autograd import SoftTokenEmbeddingFunction
 from .dispatch import resolve_backend, soft_token_embedding
 from .module import SoftTokenEmbedding
 
 __all__ = [
     "SoftTokenEmbedding",
-    "SoftTokenEmbeddingFunction",
     "reference",
     "resolve_backend",
     "soft_token_embedding",

@@ -6,6 +6,7 @@ whichever backend would have run it, with an error that names the offending argu
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -63,28 +64,44 @@ def check_op_inputs(
     if lm_head_bias is not None:
         named.append(("lm_head_bias", lm_head_bias))
     for name, t in named:
-        if t.dtype not in allowed_dtypes:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; expected one of {', '.join(str(x) for x in allowed_dtypes)}"
-            )
-        if t.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; all inputs must share one dtype"
-            )
         if t.device != hidden.device:
             raise ValueError(
                 f"{name} is on {t.device} but hidden is on {hidden.device}; all inputs must share one device"
             )
+    dtype = compute_dtype(hidden, lm_head_weight, embed_weight)
+    if dtype not in allowed_dtypes:
+        raise TypeError(
+            f"the op would compute in {dtype} (see the dtype policy in gircse_kernels.dispatch: under autocast "
+            f"the autocast dtype, else lm_head_weight's / embed_weight's promoted dtype); expected one of "
+            f"{', '.join(str(x) for x in allowed_dtypes)}"
+            + ("; gircse_kernels.reference computes in float64" if dtype == torch.float64 else "")
+        )
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    # Comparisons rather than math.isfinite: they also work on the symbolic floats of
+    # torch.compile(dynamic=True) (and reject NaN and inf alike).
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError(f"softcap must be None or a positive float, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
+        if not 0 < softcap < math.inf:
             raise ValueError(f"softcap must be None or a positive finite number, got {softcap}")
+
+
+def compute_dtype(hidden: torch.Tensor, lm_head_weight: torch.Tensor, embed_weight: torch.Tensor) -> torch.dtype:
+    """The dtype the op computes in and returns (the mixed-precision policy, one for every backend).
+
+    Under ``torch.autocast`` for the inputs' device type: the autocast dtype (like ``F.linear``).
+    Otherwise the weights decide: ``torch.promote_types(lm_head_weight.dtype, embed_weight.dtype)``;
+    ``hidden`` (and the bias) are cast to it, so bf16 activations meet fp32 weights without copying
+    the weights. Accumulation is fp32 in every case.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(lm_head_weight.dtype, embed_weight.dtype)
 
 
 def check_backend(backend) -> None:
@@ -93,7 +110,7 @@ def check_backend(backend) -> None:
 
 
 def check_grad_filter(grad_filter_eps) -> None:
-    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)):
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, numbers.Real):
         raise TypeError(f"grad_filter_eps must be a float in [0, 1), got {type(grad_filter_eps).__name__}")
     if not (0.0 <= grad_filter_eps < 1.0):
         raise ValueError(f"grad_filter_eps must be in [0, 1), got {grad_filter_eps}")

@@ -19,15 +19,18 @@ class SoftTokenEmbedding(nn.Module):
 
     def __init__(self, lm_head_weight: torch.Tensor, embed_weight: torch.Tensor,
                  lm_head_bias: torch.Tensor | None = None, *, temperature: float = 1.0,
-                 softcap: float | None = None, backend: str = "auto", grad_filter_eps: float = 0.0):
+                 softcap: float | None = None, backend: str = "auto", grad_filter_eps: float = 0.0,
+                 batch_invariant: bool = False):
         super().__init__()
         check_backend(backend)
         check_grad_filter(grad_filter_eps)
+        if not isinstance(batch_invariant, bool):
+            raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
         self.lm_head_weight = lm_head_weight
         self.embed_weight = embed_weight
         self.lm_head_bias = lm_head_bias
         self.temperature, self.softcap = temperature, softcap
-        self.backend, self.grad_filter_eps = backend, grad_filter_eps
+        self.backend, self.grad_filter_eps, self.batch_invariant = backend, grad_filter_eps, batch_invariant
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs) -> "SoftTokenEmbedding":
@@ -52,11 +55,11 @@ class SoftTokenEmbedding(nn.Module):
         return soft_token_embedding(
             hidden, self.lm_head_weight, self.embed_weight, self.lm_head_bias,
             temperature=self.temperature, softcap=self.softcap, backend=self.backend,
-            grad_filter_eps=self.grad_filter_eps,
+            grad_filter_eps=self.grad_filter_eps, batch_invariant=self.batch_invariant,
         )
 
     def extra_repr(self) -> str:
         vocab, d = self.lm_head_weight.shape
         return (f"vocab={vocab}, d={d}, d_embed={self.embed_weight.shape[1]}, tied={self.tied}, "
                 f"bias={self.lm_head_bias is not None}, temperature={self.temperature}, "
-                f"softcap={self.softcap}, backend={self.backend!r}")
+                f"softcap={self.softcap}, backend={self.backend!r}, batch_invariant={self.batch_invariant}")

@@ -35,8 +35,15 @@ def _chunk_logits(h32, weight, bias, lo, hi, temperature, softcap):
 
 
 def forward(hidden, lm_head_weight, embed_weight, lm_head_bias, *, temperature, softcap, tied=False,
-            chunk_size=None):
+            batch_invariant=False, chunk_size=None):
     rows, vocab = hidden.shape[0], lm_head_weight.shape[0]
+    if batch_invariant and rows > 1:
+        # Every row through the same [1, d] x [d, chunk] products (chunks never depend on B): a row's
+        # result cannot depend on the batch, which the BLAS kernel choice for [B, d] x [d, chunk]
+        # does not guarantee. Costs one pass over W and E per row.
+        parts = [forward(hidden[i:i + 1], lm_head_weight, embed_weight, lm_head_bias, temperature=temperature,
+                         softcap=softcap, tied=tied, chunk_size=chunk_size) for i in range(rows)]
+        return torch.cat([out for out, _ in parts]), torch.cat([lse for _, lse in parts])
     h32 = hidden.float()
     acc = hidden.new_zeros(rows, embed_weight.shape[1], dtype=torch.float32)
     running_max = hidden.new_full((rows, 1), float("-inf"), dtype=torch.float32)
@@ -64,8 +71,19 @@ def forward(hidden, lm_head_weight, embed_weight, lm_head_bias, *, temperature, 
 
 def backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, *, temperature,
              softcap, tied=False, need_hidden=True, need_weight=False, need_embed=False, need_bias=False,
-             merge_tied_grads=False, grad_filter_eps=0.0, chunk_size=None):
-    vocab = lm_head_weight.shape[0]
+             merge_tied_grads=False, grad_filter_eps=0.0, batch_invariant=False, chunk_size=None):
+    rows, vocab = hidden.shape[0], lm_head_weight.shape[0]
+    if batch_invariant and need_hidden and rows > 1:
+        # d hidden row by row (as in the forward); the weight gradients are sums over rows anyway.
+        kw = dict(temperature=temperature, softcap=softcap, tied=tied, grad_filter_eps=grad_filter_eps,
+                  chunk_size=chunk_size)
+        d_hidden = torch.cat([
+            backward(grad_out[i:i + 1], hidden[i:i + 1], lm_head_weight, embed_weight, lm_head_bias,
+                     lse[i:i + 1], delta[i:i + 1], need_hidden=True, **kw)[0] for i in range(rows)])
+        rest = backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, need_hidden=False,
+                        need_weight=need_weight, need_embed=need_embed, need_bias=need_bias,
+                        merge_tied_grads=merge_tied_grads, **kw)
+        return (d_hidden, *rest[1:])
     h32, g32 = hidden.float(), grad_out.float()
     lse, delta = lse.unsqueeze(1), delta.unsqueeze(1)
     d_hidden = torch.zeros_like(h32) if need_hidden else None

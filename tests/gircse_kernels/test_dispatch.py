@@ -65,5 +65,6 @@ def test_no_grad_path_equals_grad_path():
 
 
 def test_public_names():
-    for name in ("soft_token_embedding", "SoftTokenEmbedding", "SoftTokenEmbeddingFunction", "reference"):
+    for name in ("soft_token_embedding", "SoftTokenEmbedding", "reference", "resolve_backend"):
         assert hasattr(gircse_kernels, name)
+    assert hasattr(torch.ops.gircse, "soft_token_embedding")  # the torch.library custom op

@@ -21,14 +21,16 @@ BAD = [
     ("hidden 0-D", dict(hidden=torch.tensor(1.0)), ValueError, "hidden must have at least one dimension"),
     ("int hidden", dict(hidden=torch.ones(3, D, dtype=torch.long)), TypeError, "hidden must be a floating"),
     ("not tensor", dict(lm_head_weight=[[1.0] * D] * V), TypeError, "lm_head_weight must be a torch.Tensor"),
-    ("dtype mix", dict(embed_weight=torch.randn(V, DE, dtype=torch.bfloat16)), TypeError, "embed_weight has dtype"),
     ("empty batch", dict(hidden=torch.randn(0, D)), ValueError, "empty batch"),
     ("empty vocab", dict(lm_head_weight=torch.randn(0, D), embed_weight=torch.randn(0, DE),
                          lm_head_bias=torch.randn(0)), ValueError, "V >= 1"),
     ("fp64 in fused", dict(hidden=torch.randn(3, D, dtype=torch.float64),
                            lm_head_weight=torch.randn(V, D, dtype=torch.float64),
                            embed_weight=torch.randn(V, DE, dtype=torch.float64),
-                           lm_head_bias=torch.randn(V, dtype=torch.float64)), TypeError, "hidden has dtype"),
+                           lm_head_bias=torch.randn(V, dtype=torch.float64)), TypeError, "would compute in torch.float64"),
+    ("int weights", dict(lm_head_weight=torch.ones(V, D, dtype=torch.int32)), TypeError,
+     "lm_head_weight must be a floating"),
+    ("other device", dict(lm_head_bias=torch.randn(V, device="meta")), ValueError, "lm_head_bias is on meta"),
 ]
 
 
@@ -48,10 +50,21 @@ def test_bad_tensors(name, override, exc, match, backend):
     (dict(softcap=True), TypeError, "softcap"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(grad_filter_eps=1.5), ValueError, "grad_filter_eps"),
+    (dict(batch_invariant=1), TypeError, "batch_invariant must be a bool"),
 ])
 def test_bad_options(kw, exc, match):
     with pytest.raises(exc, match=match):
         soft_token_embedding(**ok(), **kw)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    import numpy as np
+
+    args = ok()
+    expected = soft_token_embedding(**args, temperature=0.5, softcap=3.0, backend="torch")
+    actual = soft_token_embedding(**args, temperature=np.float32(0.5), softcap=np.int64(3), backend="torch",
+                                  grad_filter_eps=np.float64(0.0))
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_reference_validates_too():
