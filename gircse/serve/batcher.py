@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import time
@@ -119,14 +120,14 @@ class DynamicBatcher:
         requests that were still in flight when closing began."""
         self.closing = True
         in_flight = len(self._unanswered)
-        if self._idle is not None:
-            await self._idle.wait()
+        if self._task is not None and not self._task.done():  # (a dead loop would never become idle)
+            idle = asyncio.ensure_future(self._idle.wait())
+            await asyncio.wait([idle, self._task], return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         return in_flight
