@@ -12,7 +12,8 @@ Settings (environment):
   GIRCSE_BENCH_SERVE_MODEL    "tiny" (default: a random 2-layer d=32 Llama with SmolLM2's vocabulary,
                               k=4; the vocabulary op dominates) or any ``--model`` value, e.g.
                               "default" (SmolLM2-135M + the shipped adapter, K=5) or "smollm2-135m"
-  GIRCSE_BENCH_SERVE_SECONDS  measured seconds per mode (default 10; 2 s of warm-up come first)
+  GIRCSE_BENCH_SERVE_SECONDS  measured seconds per mode (default 10; 2 s of warm-up come first; with
+                              SmolLM2 on CPU a request takes seconds, so give it 30 or more)
   GIRCSE_BENCH_SERVE_CLIENTS  concurrent clients (default 16)
   GIRCSE_BENCH_SERVE_TEXTS    texts per request (default 1)
 
@@ -181,13 +182,13 @@ def test_serve_load(machine, model_argument):
                for name, flags in MODES.items()}
     one, dynamic = results["one at a time"], results["dynamic batching"]
     speedup = dynamic["texts_per_s"] / one["texts_per_s"] if one["texts_per_s"] else float("nan")
-    model_label = "tiny random Llama (2 layers, d=32, V=49152, k=4)" if _setting("MODEL", "tiny") == "tiny" \
-        else model_argument
+    model_label = ("tiny random Llama (2 layers, d=32, V=49152, k=4)" if _setting("MODEL", "tiny") == "tiny"
+                   else f"`--model {model_argument}`")
     lines = [
         "# `gircse serve` load test",
         "",
         f"- Machine: {machine}",
-        f"- Model: {model_label}, fp32 on CPU",
+        f"- Model: {model_label}, the server's default dtype (fp32 on CPU, bf16 on CUDA)",
         f"- Load: {clients} closed-loop clients on 127.0.0.1 (asyncio + httpx, in the benchmark process), "
         f"{texts_per_request} text(s) per request from {len(DEMO_DOCUMENTS) + len(DEMO_QUERIES)} demo sentences; "
         f"{WARMUP_SECONDS:g} s warm-up, then {seconds:g} s measured per mode",

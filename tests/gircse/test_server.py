@@ -9,6 +9,7 @@ batch with other requests' texts must match ``encode`` of that text alone.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import contextlib
@@ -447,3 +448,28 @@ def test_cli_rejects_bad_settings(tiny, tmp_path):
         cli.main(["serve", "--model", "unused", "--max-wait-ms", "-1"])
     args = cli.build_parser().parse_args(["serve", "--model", "m", "--port", "0"])
     assert args.func.__name__ == "run_serve" and args.max_batch_size == 32 and args.max_wait_ms == 5.0
+
+
+def test_batcher_drops_texts_of_cancelled_requests():
+    """A request whose client went away (its future cancelled) costs no model time."""
+    from gircse.serve.batcher import DynamicBatcher
+
+    calls = []
+
+    def embed(texts, instructions):
+        calls.append(list(texts))
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async def scenario():
+        batcher = DynamicBatcher(embed, max_batch_size=8, max_wait_s=0.2)
+        await batcher.start()
+        gone = batcher.submit(["a"], [None], [1])
+        kept = batcher.submit(["b", "c"], [None, "Find"], [1, 2])
+        gone.cancel()
+        vectors = await kept
+        assert await batcher.close() == 0
+        return batcher, vectors
+
+    batcher, vectors = asyncio.run(scenario())
+    assert calls == [["b", "c"]] and vectors.shape == (2, 2)
+    assert batcher.outstanding == 0 and batcher.stats.requests == 1
