@@ -128,10 +128,12 @@ def create_app(model, config: ServeConfig | None = None):
         try:
             yield
         finally:
-            in_flight = await batcher.close()
+            # uvicorn has already waited for open connections (in-flight requests); anything still
+            # queued here (e.g. after its graceful timeout) is finished before the worker stops.
+            unanswered = await batcher.close()
             codec.shutdown(wait=True)
-            logger.info("gircse serve: stopped after finishing %d in-flight requests (%d requests served in "
-                        "%d batches)", in_flight, batcher.stats.requests, batcher.stats.batches)
+            logger.info("gircse serve: stopped; %d requests served in %d batches%s", batcher.stats.requests,
+                        batcher.stats.batches, f" ({unanswered} finished during shutdown)" if unanswered else "")
 
     app = FastAPI(title="gircse serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher

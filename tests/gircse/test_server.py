@@ -430,7 +430,7 @@ def test_cli_serve_sigterm_finishes_in_flight_request(tmp_path, tiny):
         assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful exit
         reader.join(10)
         log = "".join(lines)
-        assert "stopped after finishing" in log and "Traceback" not in log, log[-3000:]
+        assert "gircse serve: stopped" in log and "Traceback" not in log, log[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
