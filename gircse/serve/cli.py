@@ -1,7 +1,6 @@
 """``gircse serve``: load a model, serve it over HTTP until SIGINT / SIGTERM (in-flight requests finish)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
 import sys
