@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     from gircse.training.cli import add_train_parser  # gircse train (no torch import at parse time)
 
     add_train_parser(sub)
+    from gircse.serve.cli import add_serve_parser  # gircse serve (fastapi is imported only when it runs)
+    add_serve_parser(sub)
     return parser
 
 
