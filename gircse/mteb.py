@@ -6,8 +6,9 @@
     results = mteb.evaluate(encoder, mteb.get_tasks(tasks=["STS12"]), co2_tracker=False)
 
 Instructions per task come from ``gircse/data/mteb_instructions.json`` (the authors' table: every MTEB(eng, v2)
-task is covered): queries are instructed, retrieval corpora are embedded bare, reranking documents and
-symmetric tasks (STS, classification, clustering, pair classification) instructed. ``instructions=`` adds
+task is covered): queries are instructed, retrieval corpora are embedded bare (except CQADupstack's, whose
+documents are questions too), reranking documents and symmetric tasks (STS, classification, clustering,
+pair classification) instructed. ``instructions=`` adds
 or overrides entries (e.g. for local custom tasks). A task missing from the table falls back to the task's
 own mteb prompt, with a warning. Similarity is cosine (``ModelMeta.similarity_fn_name``), computed by mteb.
 
