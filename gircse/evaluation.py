@@ -98,6 +98,9 @@ def _validate(row: dict, kind: str, where: str) -> dict:
     if kind in ("sts", "pair"):
         out["text1"], out["text2"] = _text(row, "text1", where), _text(row, "text2", where)
     if kind == "sts":
+        if "score" not in row:
+            raise DataError(f"{where}: missing 'score' (an STS row is {{text1, text2, score}}; a pair-classification "
+                            "row has 'label' 0 or 1)")
         score = row.get("score")
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise DataError(f"{where}: 'score' must be a finite number, got {score!r:.60}")

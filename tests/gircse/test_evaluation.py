@@ -154,6 +154,7 @@ def test_load_task_types(tmp_path):
                                                                    r"\(line 1 decides"),
     ([{"query": "q", "pos": []}], r":1: 'pos' needs at least 1"),
     ([{"text1": "a", "text2": "b", "score": "high"}], r":1: 'score' must be a finite number"),
+    ([{"text1": "a", "text2": "b", "score": 1}, {"text1": "a", "text2": "b"}], r":2: missing 'score'"),
     ([{"text1": "a", "text2": "b", "label": 2}], r":1: 'label' must be 0 or 1"),
     ([{"text1": "a", "text2": " ", "label": 1}], r":1: 'text2' must be a non-empty string"),
     ([{"text": "a", "label": 1}, {"text": "b", "label": None}], r":2: 'label' must be a non-empty string or an int"),
