@@ -70,13 +70,18 @@ def expand_texts(model: nn.Module, tokenizer, texts: list[str], k: int, *, promp
     device = next(backbone.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: -len(sequences[i]))
     expansions: list[str] = [""] * len(texts)
-    with _adapter_disabled(model):
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            input_ids, attention_mask = left_pad([sequences[i] for i in index], pad, device)
-            out = backbone.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=k,
-                                    min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=pad,
-                                    eos_token_id=eos)
-            for row, i in enumerate(index):
-                expansions[i] = tokenizer.decode(out[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    was_training = model.training
+    model.eval()  # also during training (stage 2's adapter is trained): no dropout, no checkpointing here
+    try:
+        with _adapter_disabled(model):
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                input_ids, attention_mask = left_pad([sequences[i] for i in index], pad, device)
+                out = backbone.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=k,
+                                        min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=pad,
+                                        eos_token_id=eos)
+                for row, i in enumerate(index):
+                    expansions[i] = tokenizer.decode(out[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
     return expansions

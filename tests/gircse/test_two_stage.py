@@ -75,3 +75,19 @@ def test_expansion_argument_errors(make_tiny, smollm2_tokenizer):
         model.expand(TEXTS, k=0)
     long_text = "word " * 600  # longer than max_length: the text is cut, the prompt's tail kept
     assert isinstance(expand_texts(model.model, smollm2_tokenizer, [long_text], 2, max_length=64)[0], str)
+
+
+def test_two_stage_trains_stage_two(smollm2_tokenizer):
+    """The trainer's batch gradients for method two-stage: the expansion is a constant (inference, adapter
+    off, eval mode), the LoRA adapter of stage 2 gets gradients, GradCache equals direct, and the model is
+    back in training mode."""
+    from gircse.training import TrainConfig
+
+    from .test_training import assert_grads_close, grads_of, make_rows, tiny_gircse
+
+    model, config = tiny_gircse(smollm2_tokenizer, "two-stage", num_negatives=1, temperature=0.1)
+    rows = make_rows(4, seed=7)
+    loss, steps, direct = grads_of(model, rows, config)
+    assert torch.isfinite(loss) and steps.shape == (1,) and model.training
+    _, _, cached = grads_of(model, rows, TrainConfig(**{**config.public(), "embed_chunk": 2}))
+    assert_grads_close(cached, direct)
