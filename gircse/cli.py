@@ -3,6 +3,8 @@
   gircse demo                                   embed a small corpus with the default model, search it
   gircse encode --instruction "..." < texts.txt > vectors.npy
   gircse train --model smollm2-135m --data train.jsonl --method gircse --k 5 --out runs/x
+  gircse eval --task file.jsonl | scale --task file.jsonl --ks 1,5,20 | explain "text" | eval-mteb --tasks STS12
+                                                (gircse/eval_cli.py)
 
 One ``add_<name>_parser`` + ``run_<name>`` pair per subcommand; ``build_parser`` lists them, so a new
 subcommand is one function pair and one line.
@@ -64,22 +66,25 @@ def _load(args):
             if args.adapter is not None:
                 raise SystemExit("gircse: --adapter needs --model (the base model it was trained on)")
             return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,
-                                       max_length=args.max_length)
+                                       max_length=args.max_length, prompt_style=args.prompt_style)
         return gircse.GIRCSE.from_pretrained(args.model, method=args.method, k=args.k, adapter=args.adapter,
-                                             device=args.device, dtype=args.dtype, max_length=args.max_length)
+                                             device=args.device, dtype=args.dtype, max_length=args.max_length,
+                                             prompt_style=args.prompt_style)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M + shipped adapter), 'smollm2-135m', a saved GIRCSE "
                              "directory, or a transformers causal LM path/id")
-    parser.add_argument("--method", choices=("gircse", "causal-eos", "bidirectional-avg"), default=None,
+    parser.add_argument("--method", choices=("gircse", "causal-eos", "bidirectional-avg", "two-stage"), default=None,
                         help="default: the saved directory's method, else gircse")
     parser.add_argument("--k", type=int, default=None, help="soft tokens to generate (default: saved, else 20)")
     parser.add_argument("--adapter", default=None, help="peft adapter directory to attach")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
     parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--prompt-style", choices=("gircse", "reference"), default=None,
+                        help="'reference': the authors' prompts (their released adapters); default: saved, else gircse")
 
 
 # ---------------------------------------------------------------------- demo
@@ -175,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     from gircse.serve.cli import add_serve_parser  # gircse serve (fastapi is imported only when it runs)
     add_serve_parser(sub)
+    from gircse import eval_cli  # gircse eval / scale / explain / eval-mteb (no torch import at parse time)
+
+    eval_cli.add_eval_parser(sub)
+    eval_cli.add_scale_parser(sub)
+    eval_cli.add_explain_parser(sub)
+    eval_cli.add_eval_mteb_parser(sub)
     return parser
 
 

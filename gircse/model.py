@@ -13,15 +13,17 @@ from . import loading
 from .baselines import bidirectional_mean, causal_eos_state
 from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_steps,
                          soft_token_embedding_of)
-from .prompts import QUERY_FORMAT, left_pad, token_ids, validate_texts
+from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, left_pad,
+                      reference_document_instruction, token_ids, validate_texts)
 
 __all__ = ["GIRCSE", "METHODS", "load_default"]
 
-METHODS = ("gircse", "causal-eos", "bidirectional-avg")
+METHODS = ("gircse", "causal-eos", "bidirectional-avg", "two-stage")
 POOLING = {
     "gircse": "mean of the final-layer states of the K generated soft-token positions",
     "causal-eos": "final-layer state of an appended EOS token",
     "bidirectional-avg": "mean of the final-layer states of the input tokens, bidirectional attention",
+    "two-stage": "final-layer state of an EOS appended to the text + its greedy K-token expansion",
 }
 CONFIG_VERSION = 1
 
@@ -38,8 +40,10 @@ class GIRCSE(nn.Module):
     Attributes:
         model: the wrapped transformers causal LM (a peft model when an adapter is attached).
         tokenizer: its tokenizer.
-        method: "gircse" | "causal-eos" | "bidirectional-avg".
-        k: default number of soft tokens (GIRCSE only).
+        method: "gircse" | "causal-eos" | "bidirectional-avg" | "two-stage" (``gircse.two_stage``).
+        k: default number of soft tokens (GIRCSE; two-stage: hard tokens of the expansion).
+        prompt_style: "gircse" (``QUERY_FORMAT``, the tokenizer's special tokens) or "reference" (the
+            authors' released code: ``REFERENCE_QUERY_FORMAT``, no special tokens, their document rule).
 
     ``forward(input_ids, attention_mask, k=None, return_all_steps=False)`` is differentiable (the
     training path); ``encode`` is the batched inference path (inference mode, numpy out).
@@ -47,7 +51,7 @@ class GIRCSE(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, *, method: str = "gircse", k: int = 20,
                  max_length: int = 512, base_model: str | None = None, gguf_file: str | None = None,
-                 query_format: str = QUERY_FORMAT):
+                 query_format: str | None = None, prompt_style: str = "gircse"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -58,18 +62,22 @@ class GIRCSE(nn.Module):
         self.max_length = max_length
         # Where the base weights come from, recorded by save_pretrained (None: an in-memory model).
         self.base_model, self.gguf_file = base_model, gguf_file
+        self.prompt_style = check_prompt_style(prompt_style)
+        if query_format is None:
+            query_format = REFERENCE_QUERY_FORMAT if prompt_style == "reference" else QUERY_FORMAT
         self.query_format = query_format
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, method: str | None = None, k: int | None = None,
                         adapter: str | None = None, gguf_file: str | None = None, device=None, dtype=None,
-                        max_length: int | None = None) -> "GIRCSE":
+                        max_length: int | None = None, prompt_style: str | None = None) -> "GIRCSE":
         """Load a base causal LM (hub id, local directory, ``"smollm2-135m"``) or a saved GIRCSE directory.
 
-        ``method``/``k``/``max_length`` left as None take the saved directory's values, else
-        "gircse" / 20 / 512. ``adapter``: a peft adapter directory to attach. ``dtype`` None: fp32 on
-        CPU, bf16 on CUDA.
+        ``method``/``k``/``max_length``/``prompt_style`` left as None take the saved directory's values,
+        else "gircse" / 20 (5 with ``prompt_style="reference"``) / 512 / "gircse". ``adapter``: a peft
+        adapter directory to attach (the authors' released adapters: ``prompt_style="reference"``).
+        ``dtype`` None: fp32 on CPU, bf16 on CUDA.
         """
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -93,12 +101,14 @@ class GIRCSE(nn.Module):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir).to(device).eval()
+        prompt_style = prompt_style or saved.get("prompt_style", "gircse")
+        default_k = 5 if prompt_style == "reference" else 20  # the authors' adapters were trained at K=5
         return cls(model, tokenizer,
                    method=method or saved.get("method", "gircse"),
-                   k=k if k is not None else saved.get("k", 20),
+                   k=k if k is not None else saved.get("k", default_k),
                    max_length=max_length if max_length is not None else saved.get("max_length", 512),
                    base_model=base_ref,
-                   gguf_file=gguf_file, query_format=saved.get("query_format", QUERY_FORMAT))
+                   gguf_file=gguf_file, query_format=saved.get("query_format"), prompt_style=prompt_style)
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``gircse_config.json`` (base model reference, method, k, pooling, prompt format),
@@ -129,6 +139,7 @@ class GIRCSE(nn.Module):
             "k": self.k,
             "pooling": POOLING[self.method],
             "query_format": self.query_format,
+            "prompt_style": self.prompt_style,
             "document_format": "{text}",
             "max_length": self.max_length,
             "adapter": has_adapter,
@@ -144,7 +155,8 @@ class GIRCSE(nn.Module):
         return base_causal_lm(self.model).config.hidden_size
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, k={self.k}, max_length={self.max_length}, base_model={self.base_model!r}"
+        return (f"method={self.method!r}, k={self.k}, max_length={self.max_length}, base_model={self.base_model!r}, "
+                f"prompt_style={self.prompt_style!r}")
 
     # ------------------------------------------------------------------ tokenization and the differentiable path
     def tokenize(self, texts: list[str], instruction: str | list[str | None] | None = None
@@ -158,9 +170,22 @@ class GIRCSE(nn.Module):
             raise ValueError("texts is empty")
         return self._pad(self._token_ids(texts, instruction))
 
-    def _token_ids(self, texts: list[str], instruction) -> list[list[int]]:
+    def _token_ids(self, texts: list[str], instruction, k: int | None = None) -> list[list[int]]:
+        if self.method == "two-stage":  # stage 1: the backbone writes each text's expansion
+            from .two_stage import join_expansion
+
+            texts = [join_expansion(t, e) for t, e in zip(texts, self.expand(texts, k=k))]
         return token_ids(self.tokenizer, texts, instruction, self.max_length,
-                         append_eos=self.method == "causal-eos", query_format=self.query_format)
+                         append_eos=self.method in ("causal-eos", "two-stage"), query_format=self.query_format,
+                         add_special_tokens=self.prompt_style != "reference")
+
+    def expand(self, texts, *, k: int | None = None, batch_size: int = 16) -> list[str]:
+        """Stage 1 of the two-stage baseline: the backbone's greedy expansion of each text (at most ``k``
+        tokens, default ``self.k``; adapter off). Any method may call it, e.g. to time stage 1 alone."""
+        from .two_stage import expand_texts
+
+        return expand_texts(self.model, self.tokenizer, validate_texts(texts), self.k if k is None else check_k(k),
+                            max_length=self.max_length, batch_size=batch_size)
 
     def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
@@ -181,7 +206,7 @@ class GIRCSE(nn.Module):
             generated = generate_soft_tokens(self.model, soft_token_embedding_of(self.model),
                                              input_ids, attention_mask, k)
             return pool_steps(generated, return_all_steps=return_all_steps)
-        if self.method == "causal-eos":
+        if self.method in ("causal-eos", "two-stage"):  # two-stage: the expansion is already in input_ids
             pooled = causal_eos_state(self.model, input_ids, attention_mask)
         else:
             pooled = bidirectional_mean(self.model, input_ids, attention_mask)
@@ -190,15 +215,29 @@ class GIRCSE(nn.Module):
     # ------------------------------------------------------------------ inference
     def encode(self, texts, instruction: str | list[str | None] | None = None, *, k: int | None = None, batch_size: int = 32,
                normalize_embeddings: bool = True, convert_to_numpy: bool = True,
-               show_progress_bar: bool | None = None, return_all_steps: bool = False):
+               show_progress_bar: bool | None = None, return_all_steps: bool = False,
+               prompt: str | None = None, convert_to_tensor: bool = False):
         """Embed texts: ``[n, d]`` (``[n, k, d]`` with ``return_all_steps``; a single str gives ``[d]``).
 
         Queries take ``instruction`` in the format ``"Instruct: {instruction}\\nQuery: {text}"``; no
         instruction embeds the text alone; a list gives one instruction (or None) per text. Texts are sorted by length (longest first) so batches
         carry little padding; the output is in the input order. fp32 output.
+
+        sentence-transformers-style callers: ``prompt`` is a literal prefix put before every text (instead
+        of ``instruction``), ``convert_to_tensor=True`` returns a torch tensor. Unlike
+        sentence-transformers, ``normalize_embeddings`` defaults to True.
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)
+        if prompt is not None:
+            if instruction is not None:
+                raise ValueError("give either instruction= (formatted with the query format) or prompt= (a literal "
+                                 "prefix), not both")
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            texts = [prompt + text for text in texts]
+        if convert_to_tensor:
+            convert_to_numpy = False
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         k = self.k if k is None else check_k(k)
@@ -206,7 +245,7 @@ class GIRCSE(nn.Module):
         shape = (len(texts),) + ((steps,) if steps else ()) + (self.embedding_dim,)
         out = torch.empty(shape, dtype=torch.float32)
         if texts:
-            sequences = self._token_ids(texts, instruction)
+            sequences = self._token_ids(texts, instruction, k)
             order = sorted(range(len(texts)), key=lambda i: -len(sequences[i]))
             if show_progress_bar is None:
                 show_progress_bar = len(texts) > 256
@@ -236,9 +275,23 @@ class GIRCSE(nn.Module):
         """Queries: ``"Instruct: {instruction}\\nQuery: {text}"`` (the text alone without instruction)."""
         return self.encode(texts, instruction, **kwargs)
 
-    def encode_documents(self, texts, instruction: str | None = None, **kwargs):
-        """Documents: the text alone unless an instruction is given."""
+    def encode_documents(self, texts, instruction: str | list[str | None] | None = None, **kwargs):
+        """Documents: the text alone unless an instruction is given. ``prompt_style="reference"`` follows the
+        authors' rule: the instruction is dropped when it asks to retrieve something that is not semantic
+        similarity (``gircse.prompts.reference_document_instruction``)."""
+        if self.prompt_style == "reference":
+            if instruction is None or isinstance(instruction, str):
+                instruction = reference_document_instruction(instruction)
+            else:
+                instruction = [reference_document_instruction(i) for i in instruction]
         return self.encode(texts, instruction, **kwargs)
+
+    # sentence-transformers (>= 5) names: drop-in where encode_query / encode_document are expected.
+    def encode_query(self, sentences, instruction: str | None = None, **kwargs):
+        return self.encode_queries(sentences, instruction, **kwargs)
+
+    def encode_document(self, sentences, instruction: str | None = None, **kwargs):
+        return self.encode_documents(sentences, instruction, **kwargs)
 
     def similarity(self, a, b) -> np.ndarray:
         """Cosine similarity matrix between two sets of embeddings ``[n, d]`` x ``[m, d]``."""
@@ -303,12 +356,12 @@ def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, c
 
 
 def load_default(*, method: str | None = None, k: int | None = None, device=None, dtype=None,
-                 max_length: int | None = None) -> GIRCSE:
+                 max_length: int | None = None, prompt_style: str | None = None) -> GIRCSE:
     """SmolLM2-135M with the shipped GIRCSE adapter (``gircse/default_adapter/``, a directory written by
     ``GIRCSE.save_pretrained``). Until the training issue ships it: the untrained base model, with a warning.
     Arguments left as None take the shipped configuration's values.
     """
-    kwargs = dict(method=method, k=k, device=device, dtype=dtype, max_length=max_length)
+    kwargs = dict(method=method, k=k, device=device, dtype=dtype, max_length=max_length, prompt_style=prompt_style)
     if loading.is_gircse_dir(loading.DEFAULT_ADAPTER_DIR):
         return GIRCSE.from_pretrained(loading.DEFAULT_ADAPTER_DIR, **kwargs)
     warnings.warn("gircse: no trained adapter is shipped yet (gircse/default_adapter/); load_default() returns "

@@ -5,10 +5,33 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["QUERY_FORMAT", "format_input", "left_pad", "per_text_instructions", "token_ids", "validate_texts"]
+__all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_prompt_style", "format_input",
+           "left_pad", "per_text_instructions", "reference_document_instruction", "token_ids", "validate_texts"]
 
 # The paper's query format; documents (and queries without an instruction) are the text alone.
 QUERY_FORMAT = "Instruct: {instruction}\nQuery: {text}"
+# The authors' released code (github.com/Roytsai27/GIRCSE, embedding/base.py and data.py) writes no space
+# after "Query:" and tokenizes with add_special_tokens=False (no BOS/EOS). Their adapters were trained so.
+REFERENCE_QUERY_FORMAT = "Instruct: {instruction}\nQuery:{text}"
+# "gircse": QUERY_FORMAT, the tokenizer's special tokens, documents instructed only when asked.
+# "reference": the authors' prompts (see reference_document_instruction for their document rule).
+PROMPT_STYLES = ("gircse", "reference")
+
+
+def check_prompt_style(prompt_style: str) -> str:
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+    return prompt_style
+
+
+def reference_document_instruction(instruction: str | None) -> str | None:
+    """The authors' rule for documents (their ``format_passage_text``): a document keeps the task instruction
+    unless the instruction asks to retrieve something and is not about semantic similarity ("Given a question,
+    retrieve passages ..." -> bare passages; "Retrieve semantically similar text." -> instructed)."""
+    if instruction is None:
+        return None
+    lowered = instruction.lower()
+    return None if "retrieve" in lowered and "semantic" not in lowered else instruction
 
 
 def validate_texts(texts) -> list[str]:
@@ -72,8 +95,10 @@ def per_text_instructions(instruction, n: int) -> list[str | None]:
 
 
 def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,
-              append_eos: bool = False, query_format: str = QUERY_FORMAT) -> list[list[int]]:
-    """Token ids per text: tokenizer defaults (``add_special_tokens=True``), no chat template.
+              append_eos: bool = False, query_format: str = QUERY_FORMAT,
+              add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids per text: tokenizer defaults (``add_special_tokens=True``: BOS where the tokenizer adds
+    one), no chat template. ``add_special_tokens=False`` is the authors' reference tokenization.
 
     ``instruction``: a str or None for all texts, or a list with one (str or None) per text.
     Inputs longer than ``max_length`` lose tokens from the end of the text; the instruction and any
@@ -90,7 +115,7 @@ def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,
     instructions = per_text_instructions(instruction, len(texts))
     formatted = [format_input(t, i, query_format) for t, i in zip(texts, instructions)]
     prompts, prefixes = zip(*formatted) if formatted else ((), ())
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     budget = max_length - (1 if append_eos else 0)
     result = []
     for index, ids in enumerate(encoded):
@@ -100,7 +125,7 @@ def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,
         if len(ids) > budget:
             if not getattr(tokenizer, "is_fast", False):
                 raise ValueError("truncation that keeps the instruction needs a fast tokenizer (character offsets)")
-            enc = tokenizer(prompts[index], add_special_tokens=True, return_offsets_mapping=True)
+            enc = tokenizer(prompts[index], add_special_tokens=add_special_tokens, return_offsets_mapping=True)
             ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
             if append_eos and ids and ids[-1] == eos:
                 ids, offsets = ids[:-1], offsets[:-1]

@@ -21,7 +21,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="JSONL(.gz) rows {query, pos, neg, instruction} "
                                                      "(default: the shipped Debian training set)")
     parser.add_argument("--out", required=True, help="output directory (checkpoint, log, trained model)")
-    parser.add_argument("--method", choices=("gircse", "causal-eos", "bidirectional-avg"), default=d.method)
+    parser.add_argument("--method", choices=("gircse", "causal-eos", "bidirectional-avg", "two-stage"),
+                        default=d.method)
     parser.add_argument("--k", type=int, default=d.k, help="soft tokens generated during training")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per rank per micro-batch")

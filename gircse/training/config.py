@@ -5,7 +5,7 @@ import dataclasses
 
 __all__ = ["METHODS", "TrainConfig"]
 
-METHODS = ("gircse", "causal-eos", "bidirectional-avg")  # == gircse.model.METHODS (tested)
+METHODS = ("gircse", "causal-eos", "bidirectional-avg", "two-stage")  # == gircse.model.METHODS (tested)
 
 
 @dataclasses.dataclass
