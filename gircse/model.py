@@ -226,6 +226,13 @@ class GIRCSE(nn.Module):
         Queries take ``instruction`` in the format ``"Instruct: {instruction}\\nQuery: {text}"``; no
         instruction embeds the text alone; a list gives one instruction (or None) per text. Texts are sorted by length (longest first) so batches
         carry little padding; the output is in the input order. fp32 output.
+
+        Batch invariance, per dtype: in fp32 a text embeds the same alone or in any batch, to round-off
+        (~1e-5). In bf16/fp16 it does not: other batch shapes round differently at every layer and the K
+        soft-token steps feed that back (SmolLM2 on CPU, cosine alone vs in a batch: >= 0.99 with the
+        shipped adapter, down to 0.88 for the raw base model at K = 20). Guaranteed in every dtype: the
+        same call repeats bit for bit, and with ``batch_size=1`` a text's embedding does not depend on
+        the other texts.
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)
