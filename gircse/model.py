@@ -56,7 +56,8 @@ class GIRCSE(nn.Module):
         self.k = self._check_k(k)
         self.max_length = as_int("max_length", max_length, minimum=2)
         # Where the base weights come from, recorded by save_pretrained (None: an in-memory model).
-        self.base_model, self.gguf_file = base_model, gguf_file
+        self.base_model = None if base_model is None else as_path("base_model", base_model)
+        self.gguf_file = gguf_file
         self.query_format = check_query_format(query_format)
         self._warned_truncation = False  # warn once per model when inputs exceed max_length
 

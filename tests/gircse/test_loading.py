@@ -12,16 +12,7 @@ import pytest
 
 from gircse import GIRCSE, loading
 
-from .conftest import tiny_causal_lm
 from .test_model import TEXTS, _lora
-
-
-@pytest.fixture
-def tiny_base_dir(tmp_path, smollm2_tokenizer):
-    path = tmp_path / "tiny-base"
-    tiny_causal_lm("llama").save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
 
 
 def _config(directory) -> dict:

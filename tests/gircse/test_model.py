@@ -18,15 +18,6 @@ from .conftest import tiny_causal_lm
 TEXTS = ["the cat sat on the mat", "stock prices fell sharply today after the announcement", "rain"]
 
 
-@pytest.fixture
-def tiny_base_dir(tmp_path, smollm2_tokenizer):
-    """A tiny random Llama saved like any local transformers model (weights + tokenizer)."""
-    path = tmp_path / "tiny-base"
-    tiny_causal_lm("llama").save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _lora(model):
     from peft import LoraConfig, get_peft_model
 
@@ -40,6 +31,7 @@ def _lora(model):
 
 
 def test_save_and_load_with_lora_adapter(tiny_base_dir, tmp_path):
+    tiny_base_dir = str(tiny_base_dir)
     base = GIRCSE.from_pretrained(tiny_base_dir, k=3, max_length=64)
     assert base.base_model == tiny_base_dir and base.k == 3 and base.method == "gircse"
     before = base.encode(TEXTS, "Find it")

@@ -173,16 +173,24 @@ def test_whole_training_file_is_checked_before_the_first_step(smollm2_tokenizer,
     assert all(torch.equal(p, before[n]) for n, p in model.model.named_parameters())
 
 
-def test_train_accepts_paths(smollm2_tokenizer, tmp_path):
+def test_train_accepts_paths(tiny_base_dir, tmp_path):
     """pathlib.Path for the model (loaded by name), the data and the output directory."""
     from gircse import GIRCSE
 
-    base = tmp_path / "base"
-    tiny_causal_lm("llama").save_pretrained(base)
-    smollm2_tokenizer.save_pretrained(base)
+    base = tiny_base_dir
     data = tmp_path / "d.jsonl"
     write_rows(data, make_rows(4))
     model = train(base, data, tmp_path / "run", TrainConfig(k=2, batch_size=4, lora_r=2, progress=False))
     assert model.base_model == str(base) and hasattr(model.model, "peft_config")
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"] == str(data)
     assert GIRCSE.from_pretrained(tmp_path / "run").k == 2
+
+
+def test_resume_names_a_malformed_log_line(tmp_path):
+    from gircse.data import DataError
+    from gircse.training.trainer import _rewrite_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2\n')
+    with pytest.raises(DataError, match="train_log.jsonl:2: invalid JSON"):
+        _rewrite_log(str(log), 1)

@@ -56,16 +56,6 @@ def test_cli_train_saves_a_loadable_model(smollm2_tokenizer, tmp_path):
     assert not np.allclose(loaded.encode(["alpha beta", "gamma"]), plain)  # the adapter is applied
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    from gircse import GIRCSE
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options and the data were checked")
-
-    monkeypatch.setattr(GIRCSE, "from_pretrained", forbidden)
-
-
 def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_loading):
     from gircse.cli import main
 

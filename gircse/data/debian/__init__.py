@@ -179,7 +179,9 @@ def build_examples(translations: dict[str, tuple[str, str]], sections: dict[str,
                    negatives: int = 2, min_chars: int = 120, max_chars: int = 700,
                    max_per_section: int = 700) -> dict[str, list[dict]]:
     """``{"train": rows, "dev_retrieval": rows, "dev_classification": rows}`` (deterministic given seed)."""
-    rng = random.Random(seed)
+    from ...validation import as_int
+
+    rng = random.Random(as_int("seed", seed))  # random.Random refuses numpy integers
     seen_desc, seen_summary = set(), set()
     by_section: dict[str, list[dict]] = defaultdict(list)
     for package in sorted(translations):

@@ -13,18 +13,15 @@ report a single entry.
 """
 from __future__ import annotations
 
-import gzip
-import json
-
 __all__ = ["evaluate", "format_table", "gold_ranks", "knn_accuracy", "load_dev", "retrieval_metrics"]
 
 
 def load_dev(name: str, path: str | None = None) -> list[dict]:
     """Rows of ``dev_retrieval`` or ``dev_classification`` (shipped unless ``path`` is given)."""
+    from ..jsonl import read_jsonl
     from . import shipped_path
 
-    with gzip.open(path or shipped_path(f"{name}.jsonl.gz"), "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path or shipped_path(f"{name}.jsonl.gz"))
 
 
 def gold_ranks(scores, gold=None):
