@@ -118,7 +118,8 @@ def test_truncation_keeps_instruction(make_tiny, method):
     instruction = "Retrieve documents about finance"
     long_text = " ".join(["market"] * 100)
     prefix_ids = model.tokenizer("Instruct: " + instruction + "\nQuery:")["input_ids"]
-    ids = model.tokenize([long_text], instruction)["input_ids"][0].tolist()
+    with pytest.warns(UserWarning, match="exceed max_length=16 tokens"):
+        ids = model.tokenize([long_text], instruction)["input_ids"][0].tolist()
     assert len(ids) == 16
     assert ids[:len(prefix_ids)] == prefix_ids
     text_part = ids[len(prefix_ids):-1] if method == "causal-eos" else ids[len(prefix_ids):]
@@ -347,15 +348,17 @@ def test_k_beyond_the_position_range_fails_early(make_tiny):
                  lambda: model.explain(TEXTS[0], k=600), lambda: make_tiny("llama", k=1000)):
         with pytest.raises(ValueError, match="512 positions"):
             call()
+    model.model.config.max_position_embeddings = 24  # a short range keeps the "exactly fits" run cheap
     batch = model.tokenize(TEXTS)
     length = int(batch["attention_mask"].sum(1).max())
-    with pytest.raises(ValueError, match=f"{length} input tokens \\+ k={513 - length} soft tokens exceed"):
-        model(**batch, k=513 - length)
+    with pytest.raises(ValueError, match=f"{length} input tokens \\+ k={25 - length} soft tokens exceed"):
+        model(**batch, k=25 - length)
     with torch.no_grad():
-        model(**batch, k=512 - length)  # exactly fits
-    long_model = make_tiny("llama", method="causal-eos", max_length=600)
-    with pytest.raises(ValueError, match="600 input tokens exceed the model's 512 positions"):
-        long_model.encode([" ".join(["word"] * 700)])
+        assert model(**batch, k=24 - length).shape == (3, 32)  # exactly fits
+    eos = make_tiny("llama", method="causal-eos", max_length=30)
+    eos.model.config.max_position_embeddings = 24
+    with pytest.raises(ValueError, match="30 input tokens exceed the model's 24 positions"):
+        eos.encode([" ".join(["word"] * 40)])
 
 
 def test_truncation_warns_once_per_model(make_tiny):
