@@ -73,16 +73,42 @@ def check_model_reference(name_or_path, what: str = "model") -> str:
 
     A local path: a ``pathlib.Path``, anything that is not a hub id (absolute, ``./x``, ``a/b/c``,
     ``~/x``), or ``owner/name`` whose ``owner`` is an existing local directory (``runs/gircse`` next to
-    ``runs/``). Other names are left to the hub.
+    ``runs/``). Other names are hub ids: accepted when cached or when the hub can be reached.
     """
     is_path_object = isinstance(name_or_path, os.PathLike)
     name = as_path(what, name_or_path)
     if name.lower() in SMOLLM2_ALIASES or os.path.exists(name):
         return name
+    missing = f"{what}: no such directory: {name} (looked for {os.path.abspath(name)})"
     head = name.split("/", 1)[0]
     if is_path_object or not _HUB_ID.match(name) or ("/" in name and os.path.isdir(head)):
-        raise FileNotFoundError(f"{what}: no such directory: {name} (looked for {os.path.abspath(name)})")
+        raise FileNotFoundError(missing)
+    unavailable = _hub_unavailable(name)
+    if unavailable:
+        raise FileNotFoundError(f"{missing}; as a Hugging Face hub id it {unavailable}")
     return name
+
+
+def _hub_unavailable(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot come from the hub (not cached, and offline or the hub unreachable), else
+    None. One DNS lookup instead of transformers' ~47 s of retries when the network is down."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return None
+    if os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    import socket
+    import urllib.parse
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"is not in the Hugging Face cache and {host} cannot be reached"
+    return None
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

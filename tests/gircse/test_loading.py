@@ -165,8 +165,37 @@ def test_missing_local_path_fails_at_once(tmp_path, monkeypatch):
         assert time.perf_counter() - start < 5, missing  # not a hub round trip (47 s offline)
     with pytest.raises(FileNotFoundError, match="no peft adapter"):
         GIRCSE.from_pretrained("smollm2-135m", adapter=tmp_path)
-    # A hub-shaped id whose first part is not a local directory is left to the hub.
-    assert loading.check_model_reference("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+
+def test_hub_ids_fail_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="no such directory: runs/gircse .* not in the Hugging Face cache "
+                                                "and huggingface.co cannot be reached"):
+        GIRCSE.from_pretrained("runs/gircse")  # no runs/ here: it could be a hub id, but not one we can get
+    assert time.perf_counter() - start < 5 and lookups == ["huggingface.co"]
+    (tmp_path / "hub-cache" / "models--someone--model").mkdir(parents=True)
+    assert loading.check_model_reference("someone/model") == "someone/model"  # cached: transformers decides
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+        loading.check_model_reference("someone/other")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+    assert loading.check_model_reference("someone/other") == "someone/other"  # reachable: left to the hub
 
 
 def test_base_model_of_a_saved_directory_must_exist(make_tiny, tmp_path):
