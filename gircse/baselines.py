@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .generation import decoder_of, left_padded_position_ids
+from .generation import check_left_padded, decoder_of, left_padded_position_ids
 
 __all__ = ["bidirectional_attention_mask", "bidirectional_mean", "causal_eos_state"]
 
@@ -34,6 +34,7 @@ def causal_eos_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
     Left padding puts every row's EOS in the last column.
     """
+    check_left_padded(attention_mask)
     out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=left_padded_position_ids(attention_mask))
     return out.last_hidden_state[:, -1]

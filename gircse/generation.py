@@ -34,9 +34,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from gircse_kernels import SoftTokenEmbedding
 
+from .validation import as_int
+
 __all__ = [
     "base_causal_lm",
     "check_k",
+    "check_left_padded",
     "decoder_of",
     "generate_soft_tokens",
     "generate_soft_tokens_uncached",
@@ -47,12 +50,8 @@ __all__ = [
 
 
 def check_k(k) -> int:
-    """K, the number of soft tokens, as a positive int (clear error otherwise)."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k (number of generated soft tokens) must be an int >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k (number of generated soft tokens) must be >= 1, got {k}")
-    return k
+    """K, the number of soft tokens, as a positive Python int (numpy integers too; clear error otherwise)."""
+    return as_int("k (number of generated soft tokens)", k, minimum=1)
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -154,6 +153,14 @@ def _cache_through_checkpointed_layers(decoder: nn.Module):
             m._gradient_checkpointing_func = original
 
 
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """The last column must be real in every row: with right padding (the tokenizers' default) the
+    last column of a short row is a pad, and its state would silently stand for the text."""
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("input must be left padded (attention_mask[:, -1] all ones); GIRCSE.forward converts "
+                         "right padding, as does gircse.prompts.to_left_padding")
+
+
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> None:
     check_k(k)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -161,6 +168,7 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int)
                          f"and {tuple(attention_mask.shape)}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids has no tokens")
+    check_left_padded(attention_mask)
 
 
 def generate_soft_tokens(

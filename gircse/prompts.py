@@ -1,12 +1,16 @@
 """Input validation, the instruction prompt format, truncation that keeps the instruction, left padding."""
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_prompt_style", "format_input",
-           "left_pad", "per_text_instructions", "reference_document_instruction", "token_ids", "validate_texts"]
+from .validation import as_int
+
+__all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_prompt_style", "check_query_format",
+           "format_input", "left_pad", "per_text_instructions", "reference_document_instruction",
+           "to_left_padding", "token_ids", "validate_texts"]
 
 # The paper's query format; documents (and queries without an instruction) are the text alone.
 QUERY_FORMAT = "Instruct: {instruction}\nQuery: {text}"
@@ -96,17 +100,16 @@ def per_text_instructions(instruction, n: int) -> list[str | None]:
 
 def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,
               append_eos: bool = False, query_format: str = QUERY_FORMAT,
-              add_special_tokens: bool = True) -> list[list[int]]:
+              add_special_tokens: bool = True, truncated: list[int] | None = None) -> list[list[int]]:
     """Token ids per text: tokenizer defaults (``add_special_tokens=True``: BOS where the tokenizer adds
     one), no chat template. ``add_special_tokens=False`` is the authors' reference tokenization.
 
     ``instruction``: a str or None for all texts, or a list with one (str or None) per text.
     Inputs longer than ``max_length`` lose tokens from the end of the text; the instruction and any
     special tokens are kept. ``append_eos`` (Causal-EOS) adds the EOS id after everything, within
-    ``max_length``.
+    ``max_length``. ``truncated``: a list that receives the index of every truncated text.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    max_length = as_int("max_length", max_length, minimum=2)
     eos = None
     if append_eos:
         eos = tokenizer.eos_token_id
@@ -130,6 +133,8 @@ def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,
             if append_eos and ids and ids[-1] == eos:
                 ids, offsets = ids[:-1], offsets[:-1]
             ids = _truncate_text_tokens(ids, offsets, prefixes[index], budget)
+            if truncated is not None:
+                truncated.append(index)
         if not ids:
             raise ValueError(f"texts[{index}] tokenizes to nothing")
         result.append(ids + [eos] if append_eos else ids)
@@ -145,3 +150,40 @@ def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torc
         input_ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
         attention_mask[row, length - len(seq):] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def check_query_format(query_format) -> str:
+    """A query format names ``{instruction}`` then ``{text}``, once each, and no other field: without
+    ``{text}`` every query would embed to the same vector; without ``{instruction}`` instructions would
+    be dropped; truncation keeps the part before ``{text}``, so the instruction must come first."""
+    if not isinstance(query_format, str):
+        raise TypeError(f"query_format must be a str, got {type(query_format).__name__}")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(query_format) if field is not None]
+    except ValueError as error:
+        raise ValueError(f"query_format {query_format!r} is not a valid format string: {error}") from None
+    if fields != ["instruction", "text"]:
+        raise ValueError(f"query_format must contain {{instruction}} then {{text}}, once each and no other field; "
+                         f"got {query_format!r} (fields {fields})")
+    return query_format
+
+
+def to_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with every row's real tokens moved to the right end, in order (left padding).
+
+    A batch whose last column is real in every row is returned as it is. Otherwise (right padding,
+    the tokenizers' default) every row is reordered: padding first, then the real tokens in order
+    (positions count real tokens only, so where the padding sits changes nothing else). A row without
+    any real token is an error.
+    """
+    if attention_mask.shape != input_ids.shape or attention_mask.ndim != 2:
+        raise ValueError(f"input_ids and attention_mask must both be [B, L]; got {tuple(input_ids.shape)} "
+                         f"and {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()
+    empty = ~real.any(dim=1)
+    if bool(empty.any()):
+        raise ValueError(f"attention_mask row {int(empty.nonzero()[0, 0])} has no real token")
+    if bool(real[:, -1].all()):
+        return input_ids, attention_mask
+    order = torch.sort(real.to(torch.uint8), dim=1, stable=True).indices  # padding first, real tokens in order
+    return input_ids.gather(1, order), attention_mask.gather(1, order)

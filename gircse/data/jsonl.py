@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 
-__all__ = ["DataError", "count_rows", "iter_rows", "open_text", "validate_row"]
+__all__ = ["DataError", "count_rows", "iter_rows", "json_line", "open_text", "read_jsonl", "validate_row"]
 
 
 class DataError(ValueError):
@@ -25,6 +25,21 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+def json_line(line: str, where: str):
+    """One JSONL line parsed; a malformed one raises DataError naming ``where`` (``path:line``)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """Every non-blank line of a JSONL(.gz) file, parsed; errors name the file and line."""
+    path = os.fspath(path)
+    with open_text(path) as f:
+        return [json_line(line, f"{path}:{number}") for number, line in enumerate(f, start=1) if line.strip()]
 
 
 def _nonempty_str_list(value, key: str, where: str, *, min_items: int) -> list[str]:
@@ -72,11 +87,7 @@ def iter_rows(path: str | os.PathLike, *, skip: int = 0, min_neg: int = 0) -> It
             if seen <= skip:
                 continue
             where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            row = validate_row(row, where)
+            row = validate_row(json_line(line, where), where)
             if len(row["neg"]) < min_neg:
                 raise DataError(f"{where}: {len(row['neg'])} hard negative(s), training asks for {min_neg} "
                                 "per row (lower num_negatives)")

@@ -14,6 +14,7 @@ __all__ = ["add_train_arguments", "add_train_parser", "config_from_args", "run_t
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import DTYPE_NAMES
     from .config import TrainConfig
 
     d = TrainConfig()
@@ -50,7 +51,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="model weights dtype (default: fp32 on CPU)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="model weights dtype (default: fp32 on CPU)")
 
 
 def add_train_parser(sub) -> None:
@@ -81,17 +82,23 @@ def run_train(args) -> int:
     import sys
     import time
 
+    from .. import loading
+    from ..cli import check_device
     from ..model import GIRCSE
-    from .trainer import train
+    from .trainer import check_training_file, train
 
+    # Everything that can be wrong is checked before the model loads: options, paths, every data row.
     config = config_from_args(args)
     data = args.data
     if data is None:
         from ..data.debian import shipped_path
 
         data = shipped_path("train.jsonl.gz")
-    if not os.path.isfile(data):
-        raise SystemExit(f"gircse train: no such data file: {data}")
+    check_training_file(data, config)
+    loading.check_model_reference(args.model, what="--model")
+    check_device(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out} is a file; name a directory")
     start = time.perf_counter()
     try:
         from ..cli import _quiet_loading

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["METHODS", "TrainConfig"]
+from ..validation import boolean, integer, one_of, optional, real
+
+__all__ = ["METHODS", "RULES", "TrainConfig"]
 
 METHODS = ("gircse", "causal-eos", "bidirectional-avg", "two-stage")  # == gircse.model.METHODS (tested)
 
@@ -40,19 +42,57 @@ class TrainConfig:
     _kill_after_step: int | None = None  # tests: SIGKILL this process after that optimizer step
 
     def validate(self) -> "TrainConfig":
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("k", "batch_size", "grad_accum", "epochs", "max_length", "lora_r"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.num_negatives < 0:
-            raise ValueError("num_negatives must be >= 0")
-        if self.embed_chunk is not None and self.embed_chunk < 1:
-            raise ValueError("embed_chunk must be >= 1 (or None for no GradCache)")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
+        """Check every option (``RULES``: one rule per field) and normalize numpy scalars to Python
+        numbers; ValueError/TypeError naming the option. Returns self."""
+        for field in dataclasses.fields(self):
+            rule = RULES.get(field.name)
+            if rule is None:  # a new option must come with its rule
+                raise RuntimeError(f"TrainConfig.{field.name} has no validation rule in gircse.training.config.RULES")
+            setattr(self, field.name, rule(field.name, getattr(self, field.name)))
+        if self.embed_chunk is not None and self.lora_dropout > 0:
+            raise ValueError("embed_chunk (GradCache) replays each chunk's forward and needs a deterministic "
+                             f"one; lora_dropout must be 0, got {self.lora_dropout}")
         return self
 
     def public(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+
+
+def _target_modules(name: str, value):
+    """peft's ``target_modules``: "all-linear", another module-name pattern, or a list of module names."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be 'all-linear', a module name or a non-empty list of module names, got {value!r}")
+
+
+# One rule per TrainConfig field (validate() refuses a field without one).
+RULES = {
+    "method": one_of(METHODS),
+    "k": integer(1),
+    "temperature": real(above=0),
+    "lam": real(minimum=0),
+    "lr": real(above=0),
+    "warmup_ratio": real(minimum=0, below=1),
+    "weight_decay": real(minimum=0),
+    "epochs": integer(1),
+    "max_steps": optional(integer(1)),
+    "batch_size": integer(1),
+    "grad_accum": integer(1),
+    "num_negatives": integer(0),
+    "embed_chunk": optional(integer(1)),
+    "max_length": integer(2),
+    "lora_r": integer(1),
+    "lora_alpha": integer(1),
+    "lora_dropout": real(minimum=0, below=1),
+    "lora_target_modules": _target_modules,
+    "gradient_checkpointing": boolean,
+    "bf16": boolean,
+    "max_grad_norm": optional(real(above=0)),
+    "checkpoint_every": integer(0),
+    "seed": integer(0),
+    "progress": boolean,
+    "log_every": integer(1),
+    "_kill_after_step": optional(integer(1)),
+}

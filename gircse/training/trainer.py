@@ -37,13 +37,15 @@ from collections.abc import Iterator
 
 import torch
 
-from ..data.jsonl import count_rows, iter_rows
+from ..data.jsonl import count_rows, iter_rows, json_line
 from ..losses import icr_loss
+from ..validation import as_path
 from . import distributed as D
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainConfig", "apply_lora", "batch_gradients", "embed_texts", "train", "trainable_parameters"]
+__all__ = ["TrainConfig", "apply_lora", "batch_gradients", "check_training_file", "embed_texts", "train",
+           "trainable_parameters"]
 
 LOG_FILE = "train_log.jsonl"
 # Options a resumed run may change; any other difference from the checkpoint's config is an error
@@ -190,11 +192,21 @@ def _rewrite_log(path: str, keep_through_step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_through_step]
+        lines = [l for n, l in enumerate(f, start=1)
+                 if l.strip() and json_line(l, f"{path}:{n}").get("step", 0) <= keep_through_step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
     os.replace(tmp, path)
+
+
+def check_training_file(path, config: TrainConfig) -> int:
+    """Validate every row of the training file (format, and ``config.num_negatives`` hard negatives per
+    row) and return the row count: a bad row fails before the model is loaded, not at step 900."""
+    path = as_path("data", path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such training data file: {path}")
+    return sum(1 for _ in iter_rows(path, min_neg=config.num_negatives))
 
 
 def train(model, data: str, out: str, config: TrainConfig | None = None, *, resume: bool = False, **overrides):
@@ -208,10 +220,12 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
     process group is initialized (gloo on CPU) and negatives span all ranks. Returns the model.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    data, out = as_path("data", data), as_path("out", out)
+    n_rows = check_training_file(data, config)
     owns_group = D.setup_from_env()
     world, rank = D.world_size(), D.rank()
     try:
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             from ..model import GIRCSE
 
             model = GIRCSE.from_pretrained(model, method=config.method, k=config.k, max_length=config.max_length)
@@ -226,7 +240,7 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
         params = trainable_parameters(model)
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
         rows_per_step = config.batch_size * world * config.grad_accum
-        steps_per_epoch = count_rows(data) // rows_per_step
+        steps_per_epoch = n_rows // rows_per_step
         if steps_per_epoch == 0:
             raise ValueError(f"{data}: fewer rows than one optimizer step needs ({rows_per_step})")
         total = steps_per_epoch * config.epochs

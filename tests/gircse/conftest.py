@@ -68,3 +68,24 @@ def smollm2(smollm2_tokenizer):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32).eval()
     return GIRCSE(model, smollm2_tokenizer, k=5, base_model="smollm2-135m")
+
+
+@pytest.fixture
+def tiny_base_dir(tmp_path, smollm2_tokenizer):
+    """A tiny random Llama saved like any local transformers model (weights + tokenizer), as a Path."""
+    path = tmp_path / "tiny-base"
+    tiny_causal_lm("llama").save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Option and data errors must be reported before any model is loaded: loading fails the test."""
+    import gircse
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options (and data) were checked")
+
+    monkeypatch.setattr(gircse.GIRCSE, "from_pretrained", forbidden)
+    monkeypatch.setattr(gircse, "load_default", forbidden)

@@ -137,3 +137,24 @@ def test_shipped_dataset():
     assert os.path.getsize(path) < 5e6
     first = next(iter_rows(path, min_neg=2))
     assert first["instruction"] == debian.INSTRUCTION
+
+
+def test_build_examples_takes_numpy_integers(tmp_path):
+    import numpy as np
+
+    tpath, apath = _synthetic(tmp_path, n=60)
+    trans, avail = debian.parse_translations(open(tpath).read()), debian.parse_dumpavail(open(apath).read())
+    opts = dict(n_train=20, n_dev=10, n_class_per_section=2, min_chars=60, max_chars=300)
+    assert debian.build_examples(trans, avail, seed=np.int64(3), **opts) == debian.build_examples(trans, avail, seed=3,
+                                                                                                 **opts)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        debian.build_examples(trans, avail, seed=1.5, **opts)
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    from gircse.data.jsonl import read_jsonl
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2,}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:3: invalid JSON \(Expecting property name"):
+        read_jsonl(path)

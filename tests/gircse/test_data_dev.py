@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gircse.data.debian.dev import evaluate, format_table, knn_accuracy, retrieval_metrics
+from gircse.data.debian.dev import evaluate, format_table, gold_ranks, knn_accuracy, retrieval_metrics
 
 
 def test_retrieval_metrics_by_hand():
@@ -20,6 +20,49 @@ def test_retrieval_metrics_by_hand():
     assert m["recall@10"] == pytest.approx(2 / 3)
     assert m["mrr@10"] == pytest.approx((1 + 1 / 3) / 3)
     assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+
+
+def test_ties_count_against_the_gold_document():
+    """A document tied with the gold one ranks above it; constant scores put every gold item last."""
+    scores = torch.tensor([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9], [0.3, 0.3, 0.3]])
+    assert gold_ranks(scores).tolist() == [2, 2, 3]
+    n = 40
+    constant = retrieval_metrics(torch.ones(n, n))
+    assert constant == {"mrr@10": 0.0, "ndcg@10": 0.0, "recall@1": 0.0, "recall@10": 0.0}
+    # NaN scores never win either (a NaN gold is last, a NaN competitor counts against the gold).
+    nan = torch.eye(3)
+    nan[0, 0], nan[1, 2] = float("nan"), float("nan")
+    assert gold_ranks(nan).tolist() == [3, 2, 1]
+    assert gold_ranks(torch.tensor([[0.1, 0.7, 0.7]]), [2]).tolist() == [2]
+
+
+def test_constant_embeddings_score_no_better_than_chance():
+    """The metrics on constant embeddings (every score tied) are at most what random guessing gets;
+    random embeddings land near chance."""
+    n, labels = 60, [str(i % 6) for i in range(60)]
+    chance_r1, chance_r10 = 1 / n, 10 / n
+    metrics = retrieval_metrics(np.ones((n, 8)) @ np.ones((n, 8)).T)
+    assert metrics["recall@1"] <= chance_r1 and metrics["recall@10"] <= chance_r10
+    assert knn_accuracy(np.ones((n, 8)), labels) <= 1 / 6
+    rng = np.random.default_rng(0)
+    q, d = rng.normal(size=(n, 16)), rng.normal(size=(n, 16))
+    assert retrieval_metrics(q @ d.T)["recall@10"] < 3 * chance_r10
+    assert knn_accuracy(rng.normal(size=(n, 16)), labels) < 0.4
+
+
+def test_knn_ties_count_against_the_true_label():
+    # With k=1 every item's nearest neighbours tie between its own label and another: all are wrong
+    # (items 0 and 1 take item 2, "b"; item 2 takes an "a"; item 3 is orthogonal to all three, a tie).
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert knn_accuracy(x, ["a", "a", "b", "b"], k=1) == 0.0
+    # Without ties the same items are right where their own label is nearest: 0 and 1.
+    x = np.array([[1.0, 0.0], [1.0, 0.01], [1.0, -0.1], [0.0, 1.0]])
+    assert knn_accuracy(x, ["a", "a", "b", "b"], k=1) == 0.5
+    # Equal votes for two labels: wrong (the true label must be strictly ahead).
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    assert knn_accuracy(x, ["a", "a", "b"], k=2) == 0.0
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn_accuracy(x, ["a", "a", "b"], k=0)
 
 
 def test_knn_accuracy_separable_and_random():
@@ -47,3 +90,55 @@ def test_evaluate_tiny_model_all_k_in_one_pass(make_tiny):
     assert "| 3 |" in format_table(result)
     base = evaluate(make_tiny("llama", method="causal-eos"), limit=12)
     assert base["k"] == [1]
+
+
+def test_evaluate_bounds(make_tiny):
+    model = make_tiny("llama", k=2)
+    for ks, error in (((0,), ValueError), ((-1, 3), ValueError), ((), ValueError), ((1.5,), TypeError),
+                      ("13", TypeError)):
+        with pytest.raises(error):
+            evaluate(model, ks=ks, limit=4)
+    for limit in (0, -2):
+        with pytest.raises(ValueError, match="limit must be >= 1"):
+            evaluate(model, ks=(1,), limit=limit)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, ks=(1,), limit=4, batch_size=0)
+    # numpy integers are ints
+    result = evaluate(model, ks=np.array([1, 2]), limit=np.int64(12), batch_size=np.int32(6))
+    assert result["k"] == [1, 2] and result["n_retrieval"] == 12
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--k", "0"], "every K must be >= 1"),
+    (["eval", "--k", "1,-2"], "every K must be >= 1"),
+    (["eval", "--k", "1,x"], "expected comma-separated ints"),
+    (["eval", "--limit", "0"], "argument --limit: must be >= 1"),
+    (["eval", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+])
+def test_eval_cli_bounds(argv, message, capsys, monkeypatch):
+    import gircse
+    from gircse.data import debian
+
+    monkeypatch.setattr(gircse, "load_default", lambda **kw: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(SystemExit) as exit_info:
+        debian.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m gircse.data.debian eval: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_cli_runs_and_writes_json(make_tiny, monkeypatch, tmp_path, capsys):
+    import json
+
+    import gircse
+    from gircse.data import debian
+
+    model = make_tiny("llama", k=2)
+    monkeypatch.setattr(gircse, "load_default", lambda **kw: model)
+    out = tmp_path / "dev.json"
+    assert debian.main(["eval", "--k", "2,1", "--limit", "12", "--output", str(out)]) == 0
+    written = json.loads(out.read_text())
+    expected = evaluate(model, ks=(1, 2), limit=12)
+    assert written["k"] == [1, 2] and written["retrieval"] == expected["retrieval"]
+    assert debian.main(["eval", "--output", str(tmp_path / "missing" / "dev.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

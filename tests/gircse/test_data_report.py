@@ -28,3 +28,10 @@ def test_plot_writes_a_png(tmp_path):
 def test_cli_rejects_unlabelled_results():
     with pytest.raises(SystemExit):
         main(["results.json"])
+
+
+def test_cli_names_a_malformed_results_file(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('{"method": "gircse",')
+    with pytest.raises(ValueError, match=r"r.json: invalid JSON"):
+        main([f"g={path}"])

@@ -71,13 +71,59 @@ def test_icr_fp32_under_bf16_autocast():
     assert total_bf16.dtype == torch.float32
 
 
-def test_icr_gradients_flow_and_shapes_checked():
-    q = torch.randn(3, 2, 4, requires_grad=True)
-    p = torch.randn(3, 2, 4, requires_grad=True)
-    total, _ = icr_loss(q, p)
-    total.backward()
-    assert q.grad is not None and p.grad is not None and torch.isfinite(q.grad).all()
+def test_icr_k3_regularizer_is_the_mean_over_steps():
+    """K = 3 with the loss rising at both transitions: the penalty is lam * mean (not sum) of the two
+    log-ratio increases; at K = 2 the two would be indistinguishable."""
+    torch.manual_seed(4)
+    tau, lam = 0.5, 0.7
+    q, p, n = torch.randn(3, 3, 4, dtype=torch.float64), torch.randn(3, 3, 4, dtype=torch.float64), \
+        torch.randn(3, 2, 3, 4, dtype=torch.float64)
+
+    def hand(q, p, n):
+        return [_hand_infonce(q[:, k].tolist(), p[:, k].tolist(), n[:, :, k].tolist(), tau) for k in range(3)]
+
+    order = sorted(range(3), key=lambda k: hand(q, p, n)[k])  # steps by increasing loss: L_1 < L_2 < L_3
+    q, p, n = q[:, order], p[:, order], n[:, :, order]
+    steps = hand(q, p, n)
+    assert steps[0] < steps[1] < steps[2]
+    rises = [math.log(steps[1]) - math.log(steps[0]), math.log(steps[2]) - math.log(steps[1])]
+    expected = sum(steps) + lam * sum(rises) / 2
+    total, per_step = icr_loss(q, p, n, temperature=tau, lam=lam)
+    assert per_step.tolist() == pytest.approx(steps, rel=1e-9)
+    assert total.item() == pytest.approx(expected, rel=1e-9)
+    assert abs((sum(steps) + lam * sum(rises)) - expected) > 1e-3  # the sum would be told apart
+    # One rise of two (L_1 < L_2 > L_3): half of it.
+    q2, p2, n2 = q[:, [0, 2, 1]], p[:, [0, 2, 1]], n[:, :, [0, 2, 1]]
+    total2, _ = icr_loss(q2, p2, n2, temperature=tau, lam=lam)
+    assert total2.item() == pytest.approx(sum(steps) + lam * (math.log(steps[2]) - math.log(steps[0])) / 2, rel=1e-9)
+
+
+def test_icr_gradients_match_finite_differences():
+    """gradcheck in fp64 (the loss keeps fp64): every input's gradient, with hard negatives, K = 3 and a
+    penalty that is active (the steps are ordered so the loss rises)."""
+    torch.manual_seed(5)
+    q = torch.randn(3, 3, 5, dtype=torch.float64)
+    p = torch.randn(3, 3, 5, dtype=torch.float64)
+    n = torch.randn(3, 2, 3, 5, dtype=torch.float64)
+    _, per_step = icr_loss(q, p, n, temperature=0.3)
+    order = per_step.argsort().tolist()
+    q, p, n = (t.clone().requires_grad_(True) for t in (q[:, order], p[:, order], n[:, :, order]))
+    assert torch.autograd.gradcheck(lambda q, p, n: icr_loss(q, p, n, temperature=0.3, lam=0.7)[0], (q, p, n))
+    assert torch.autograd.gradcheck(lambda q, p: icr_loss(q, p, None, temperature=0.3, lam=0.7)[0], (q, p))
+
+
+def test_icr_shapes_and_options_checked():
     with pytest.raises(ValueError, match="B, K, d"):
         icr_loss(torch.randn(3, 4), torch.randn(3, 4))
     with pytest.raises(ValueError, match="n_steps"):
         icr_loss(torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            icr_loss(torch.randn(3, 2, 4), torch.randn(3, 2, 4), temperature=bad)
+    with pytest.raises(ValueError, match="lam"):
+        icr_loss(torch.randn(3, 2, 4), torch.randn(3, 2, 4), lam=-0.5)
+    import numpy as np  # numpy scalars are numbers
+
+    q, p = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    assert torch.equal(icr_loss(q, p, temperature=np.float32(0.5), lam=np.float64(1.0))[0],
+                       icr_loss(q, p, temperature=0.5, lam=1.0)[0])

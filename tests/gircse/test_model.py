@@ -18,15 +18,6 @@ from .conftest import tiny_causal_lm
 TEXTS = ["the cat sat on the mat", "stock prices fell sharply today after the announcement", "rain"]
 
 
-@pytest.fixture
-def tiny_base_dir(tmp_path, smollm2_tokenizer):
-    """A tiny random Llama saved like any local transformers model (weights + tokenizer)."""
-    path = tmp_path / "tiny-base"
-    tiny_causal_lm("llama").save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _lora(model):
     from peft import LoraConfig, get_peft_model
 
@@ -40,6 +31,7 @@ def _lora(model):
 
 
 def test_save_and_load_with_lora_adapter(tiny_base_dir, tmp_path):
+    tiny_base_dir = str(tiny_base_dir)
     base = GIRCSE.from_pretrained(tiny_base_dir, k=3, max_length=64)
     assert base.base_model == tiny_base_dir and base.k == 3 and base.method == "gircse"
     before = base.encode(TEXTS, "Find it")
@@ -126,7 +118,8 @@ def test_truncation_keeps_instruction(make_tiny, method):
     instruction = "Retrieve documents about finance"
     long_text = " ".join(["market"] * 100)
     prefix_ids = model.tokenizer("Instruct: " + instruction + "\nQuery:")["input_ids"]
-    ids = model.tokenize([long_text], instruction)["input_ids"][0].tolist()
+    with pytest.warns(UserWarning, match="exceed max_length=16 tokens"):
+        ids = model.tokenize([long_text], instruction)["input_ids"][0].tolist()
     assert len(ids) == 16
     assert ids[:len(prefix_ids)] == prefix_ids
     text_part = ids[len(prefix_ids):-1] if method == "causal-eos" else ids[len(prefix_ids):]
@@ -159,14 +152,59 @@ def test_encode_shapes_order_and_types(make_tiny, capsys):
     assert make_tiny("llama", method="bidirectional-avg").encode(["x"], return_all_steps=True).shape == (1, 1, 32)
 
 
-def test_forward_is_differentiable(make_tiny):
-    model = make_tiny("llama", k=2)
+class ReferenceSoftTokens(torch.nn.Module):
+    """The op's spec (``gircse_kernels.reference``, plain autograd) bound to a causal LM's weights."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, hidden):
+        from gircse_kernels import reference
+
+        head = self.lm.get_output_embeddings()
+        return reference.soft_token_embedding(hidden, head.weight, self.lm.get_input_embeddings().weight,
+                                              getattr(head, "bias", None))
+
+
+def oracle_gradients(model, batch, k, weights):
+    """Parameter gradients of ``sum(weights * z_1..z_k)`` through uncached Algorithm 1 with the op's
+    reference: the oracle for forward()'s gradients."""
+    from gircse.generation import base_causal_lm, generate_soft_tokens_uncached, pool_steps
+
+    model.zero_grad(set_to_none=True)
+    ste = ReferenceSoftTokens(base_causal_lm(model.model))
+    emb = pool_steps(generate_soft_tokens_uncached(model.model, ste, **batch, k=k), return_all_steps=True)
+    (emb * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_gradients_equal(grads, expected, rtol=3e-4):
+    """Relative to each tensor's gradient scale. fp32 round-off: the fused op's backward (fp32
+    accumulators over V = 49152) differs from the materializing reference by up to ~1.1e-4 here, the
+    cached path from the uncached one by ~5e-6."""
+    assert grads.keys() == expected.keys() and grads
+    for name, g in grads.items():
+        scale = expected[name].abs().max().item()
+        assert scale > 0, name  # every parameter that should get a gradient gets a non-zero one
+        assert (g - expected[name]).abs().max().item() <= rtol * scale + 1e-7, name
+
+
+def test_forward_gradients_equal_the_reference(make_tiny):
+    """forward()'s gradients (fused op, KV cache) equal those of uncached Algorithm 1 with the op's
+    reference, for every parameter, including the LM head (reached only through the op)."""
+    model = make_tiny("qwen2", k=3)  # untied: W and E get separate gradients
     model.train()
-    emb = model(**model.tokenize(TEXTS), return_all_steps=True)
-    assert emb.shape == (3, 2, 32) and emb.requires_grad
-    emb.square().sum().backward()
-    assert model.model.lm_head.weight.grad is not None
-    assert model.model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    batch = model.tokenize(TEXTS)
+    weights = torch.randn(3, 3, 32, generator=torch.Generator().manual_seed(0))
+    emb = model(**batch, return_all_steps=True)
+    assert emb.shape == (3, 3, 32) and emb.requires_grad
+    (emb * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
+    assert "lm_head.weight" in grads and "model.embed_tokens.weight" in grads
+    assert_gradients_equal(grads, oracle_gradients(model, batch, 3, weights))
 
 
 def test_load_default_with_and_without_shipped_adapter(monkeypatch, tmp_path, make_tiny):
@@ -225,12 +263,13 @@ def test_lora_parameters_receive_gradients_through_generation(make_tiny):
     model = make_tiny("llama", k=3)
     model.model = _lora(model.model)
     model.train()
-    emb = model(**model.tokenize(TEXTS[:2], "Find it"), return_all_steps=True)
-    emb.pow(2).sum().backward()
-    lora_grads = [p.grad for name, p in model.model.named_parameters() if "lora_A" in name]
-    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
-    frozen = [p for name, p in model.model.named_parameters() if "lora" not in name]
-    assert all(p.grad is None for p in frozen)
+    batch = model.tokenize(TEXTS[:2], "Find it")
+    weights = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
+    (model(**batch, return_all_steps=True) * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
+    assert set(grads) == {n for n, p in model.model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in grads) and any("lora_A" in n for n in grads)
+    assert_gradients_equal(grads, oracle_gradients(model, batch, 3, weights))
 
 
 @pytest.mark.parametrize("method", ["gircse", "causal-eos", "bidirectional-avg"])
@@ -241,3 +280,126 @@ def test_bfloat16_model_encodes(make_tiny, method):
     low = model.encode(TEXTS)
     assert low.dtype == np.float32
     assert (low * reference).sum(axis=1).min() > 0.95  # cosine with the fp32 embedding
+
+
+def test_top_soft_token_probs_follow_the_ops_order_temperature_then_softcap():
+    """Against the op's reference: with E the identity, ``reference.soft_token_embedding`` returns the
+    probabilities themselves (temperature first, then the softcap, as the op computes them)."""
+    from gircse.model import top_soft_token_probs
+    from gircse_kernels import SoftTokenEmbedding, reference
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, d = 300, 16
+    weight, bias = torch.randn(vocab, d, generator=gen), torch.randn(vocab, generator=gen)
+    hidden = torch.randn(4, d, generator=gen) * 0.4  # logits ~ N(0, 2.6): the softcap bends, never saturates
+    for temperature, softcap in ((0.5, 4.0), (3.0, 0.5), (1.0, None), (0.25, None)):
+        ste = SoftTokenEmbedding(weight, torch.eye(vocab), bias, temperature=temperature, softcap=softcap)
+        probs, ids = top_soft_token_probs(hidden, ste, top=7, chunk=64)  # several chunks
+        full = reference.soft_token_embedding(hidden, weight, torch.eye(vocab), bias,
+                                              temperature=temperature, softcap=softcap)
+        expected_p, expected_ids = full.topk(7, dim=1)
+        assert torch.equal(ids, expected_ids), (temperature, softcap)
+        torch.testing.assert_close(probs, expected_p, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_handles_right_padding(make_tiny):
+    """The tokenizers' default pads on the right: forward gives what left padding gives."""
+    for method in ("gircse", "causal-eos", "bidirectional-avg"):
+        model = make_tiny("llama", method=method, k=2)
+        left = model.tokenize(TEXTS)
+        lengths = left["attention_mask"].sum(1)
+        right_ids = torch.full_like(left["input_ids"], 7)
+        right_mask = torch.zeros_like(left["attention_mask"])
+        for row, n in enumerate(lengths.tolist()):
+            right_ids[row, :n] = left["input_ids"][row, -n:]
+            right_mask[row, :n] = 1
+        assert right_mask[:, -1].min() == 0
+        with torch.no_grad():
+            expected = model(**left)
+            got = model(input_ids=right_ids, attention_mask=right_mask)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5, msg=method)
+    with pytest.raises(ValueError, match="row 1 has no real token"):
+        model(input_ids=right_ids, attention_mask=torch.tensor([[1] * right_ids.shape[1], [0] * right_ids.shape[1],
+                                                                [1] * right_ids.shape[1]]))
+    # The tokenizer's own padding (right by default) too.
+    model = make_tiny("qwen2", k=2)
+    enc = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert model.tokenizer.padding_side == "right" and enc["attention_mask"][:, -1].min() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"]),
+                                   model(**model.tokenize(TEXTS)), atol=2e-5, rtol=1e-5)
+
+
+def test_generation_functions_refuse_right_padding(make_tiny):
+    from gircse.baselines import causal_eos_state
+    from gircse.generation import generate_soft_tokens
+
+    model = make_tiny("llama", k=2)
+    ids, mask = torch.tensor([[5, 6, 7], [5, 6, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="left padded"):
+        generate_soft_tokens(model.model, None, ids, mask, 2)
+    with pytest.raises(ValueError, match="left padded"):
+        causal_eos_state(model.model, ids, mask)
+
+
+def test_k_beyond_the_position_range_fails_early(make_tiny):
+    model = make_tiny("llama", k=2)  # max_position_embeddings = 512
+    for call in (lambda: model.encode(TEXTS, k=512), lambda: model.encode(TEXTS, k=10**9),
+                 lambda: model.explain(TEXTS[0], k=600), lambda: make_tiny("llama", k=1000)):
+        with pytest.raises(ValueError, match="512 positions"):
+            call()
+    model.model.config.max_position_embeddings = 24  # a short range keeps the "exactly fits" run cheap
+    batch = model.tokenize(TEXTS)
+    length = int(batch["attention_mask"].sum(1).max())
+    with pytest.raises(ValueError, match=f"{length} input tokens \\+ k={25 - length} soft tokens exceed"):
+        model(**batch, k=25 - length)
+    with torch.no_grad():
+        assert model(**batch, k=24 - length).shape == (3, 32)  # exactly fits
+    eos = make_tiny("llama", method="causal-eos", max_length=30)
+    eos.model.config.max_position_embeddings = 24
+    with pytest.raises(ValueError, match="30 input tokens exceed the model's 24 positions"):
+        eos.encode([" ".join(["word"] * 40)])
+
+
+def test_truncation_warns_once_per_model(make_tiny):
+    model = make_tiny("llama", k=2, max_length=8)
+    long_text = " ".join(["market"] * 50)
+    with pytest.warns(UserWarning, match="1 of 2 inputs exceed max_length=8 tokens") as record:
+        model.encode([TEXTS[2], long_text])
+        model.encode([long_text])
+    assert len([w for w in record if "max_length" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_tiny("llama", k=2).encode(TEXTS)  # nothing truncated: no warning
+
+
+def test_numpy_scalars_are_accepted(make_tiny):
+    model = make_tiny("llama", k=np.int64(2), max_length=np.int32(64))
+    assert type(model.k) is int and type(model.max_length) is int
+    expected = model.encode(TEXTS, k=3, batch_size=2)
+    np.testing.assert_array_equal(model.encode(TEXTS, k=np.int64(3), batch_size=np.int16(2)), expected)
+    steps = model.explain(TEXTS[0], k=np.uint8(2), top=np.int64(3))
+    assert steps == model.explain(TEXTS[0], k=2, top=3)
+    for bad in (True, 2.0, "2", None):
+        with pytest.raises(TypeError, match="k"):
+            model.encode(TEXTS, k=bad) if bad is not None else model._check_k(bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["gircse", "causal-eos", "bidirectional-avg"])
+def test_bf16_guarantees(make_tiny, family, method):
+    """What encode guarantees per dtype (see GIRCSE.encode). fp32: a text embeds the same alone or in
+    any batch, to round-off (test_model_generation.test_batch_invariance). bf16: the batch changes the
+    result (different GEMM shapes and padded lengths round differently at every layer, and the K steps
+    feed it back), here by cosine >= 0.99; the same call repeats bit for bit, and with batch_size=1 a
+    text's embedding does not depend on the other texts."""
+    model = make_tiny(family, method=method, k=4)
+    model.model.to(torch.bfloat16)
+    texts = TEXTS + ["a considerably longer sentence about the weather in the mountains, with many words"]
+    together = model.encode(texts, "Find it", batch_size=4)
+    np.testing.assert_array_equal(model.encode(texts, "Find it", batch_size=4), together)
+    one_by_one = model.encode(texts, "Find it", batch_size=1)
+    for i, text in enumerate(texts):
+        alone = model.encode([text], "Find it")[0]
+        np.testing.assert_array_equal(one_by_one[i], alone)
+        assert float(alone @ together[i]) >= 0.99, (i, float(alone @ together[i]))

@@ -33,10 +33,45 @@ def test_real_model_cached_equals_uncached_and_batch_invariance(smollm2):
     np.testing.assert_allclose(together[1], alone[0], rtol=1e-4, atol=1e-4 * float(np.abs(alone).max()))
 
 
-def test_real_model_explain_gives_readable_tokens(smollm2):
-    steps = smollm2.explain("The Eiffel Tower is in Paris.", k=3, top=10)
-    assert len(steps) == 3
-    for step in steps:
-        probs = [p for _, p in step]
-        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-5
-        assert all(isinstance(tok, str) for tok, _ in step)
+def test_real_model_explain_matches_the_op_reference(smollm2):
+    """explain's tokens and probabilities are the top entries of s_j as the op's reference defines it:
+    probabilities from ``reference.soft_token_embedding`` with one-hot value rows (E[:, c] = e_id), ids
+    from the full softmax."""
+    from gircse_kernels import reference
+
+    text = "The Eiffel Tower is in Paris."
+    steps = smollm2.explain(text, k=3, top=10)
+    batch = smollm2.tokenize([text])
+    with torch.no_grad():
+        generated, prefill = generate_soft_tokens(smollm2.model, None, **batch, k=3, return_prefill_state=True)
+        states = torch.cat([prefill[:, None], generated[:, :-1]], dim=1)[0]  # the state behind each s_j
+        weight = smollm2.model.get_output_embeddings().weight
+        top_ids = torch.softmax(states @ weight.T, dim=-1).topk(10, dim=-1).indices
+        for j, step in enumerate(steps):
+            one_hot = torch.zeros(weight.shape[0], 10)
+            one_hot[top_ids[j], torch.arange(10)] = 1.0
+            expected = reference.soft_token_embedding(states[j:j + 1], weight, one_hot)[0]
+            assert [tok for tok, _ in step] == [smollm2.tokenizer.decode([int(i)]) for i in top_ids[j]]
+            np.testing.assert_allclose([p for _, p in step], expected.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_real_model_bf16_guarantees(smollm2):
+    """bf16 encode is not batch invariant (fp32 is: test above): the K soft-token steps feed rounding
+    differences back, so a text alone and in a batch differ (raw SmolLM2, K = 3: cosine 0.978 measured
+    for "Short."; K = 20: 0.876; the shipped adapter stays >= 0.9925 up to K = 20). Guaranteed and tested:
+    a repeated call is bit-identical, and with batch_size=1 a text's embedding does not depend on the
+    other texts at all."""
+    import copy
+
+    from gircse import GIRCSE
+
+    model = GIRCSE(copy.deepcopy(smollm2.model).to(torch.bfloat16), smollm2.tokenizer, k=3)
+    texts = ["Paris is the capital of France.", "Short.", "What is the tallest mountain on Earth, and where?",
+             "A library for parsing and writing JSON documents, with a streaming API."]
+    together = model.encode(texts, "Retrieve a passage")
+    np.testing.assert_array_equal(model.encode(texts, "Retrieve a passage"), together)
+    one_by_one = model.encode(texts, "Retrieve a passage", batch_size=1)
+    for i, text in enumerate(texts):
+        alone = model.encode([text], "Retrieve a passage")[0]
+        np.testing.assert_array_equal(one_by_one[i], alone)
+        assert float(alone @ together[i]) >= 0.95  # bounded, not equal (0.978 measured at worst)

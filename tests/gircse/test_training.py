@@ -153,3 +153,44 @@ def test_config_errors(smollm2_tokenizer, tmp_path):
         train(model, data, str(tmp_path / "o"), TrainConfig(batch_size=2, lora_r=2, progress=False))
     with pytest.raises(ValueError, match="fewer rows"):
         train(model, data, str(tmp_path / "o"), TrainConfig(batch_size=8, lora_r=2, num_negatives=0, progress=False))
+
+
+def test_whole_training_file_is_checked_before_the_first_step(smollm2_tokenizer, tmp_path):
+    """A bad row near the end fails before any step: no log line, no checkpoint, the weights untouched."""
+    from gircse import GIRCSE
+    from gircse.data import DataError
+
+    rows = make_rows(12)
+    rows[10]["query"] = ""
+    data = write_rows(tmp_path / "d.jsonl", rows)
+    model = GIRCSE(tiny_causal_lm("llama"), smollm2_tokenizer, k=2, max_length=48)
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="d.jsonl:11: 'query' must be a non-empty string"):
+        train(model, data, out, TrainConfig(k=2, batch_size=2, lora_r=2, progress=False))
+    assert not out.exists()
+    assert not hasattr(model.model, "peft_config")
+    assert all(torch.equal(p, before[n]) for n, p in model.model.named_parameters())
+
+
+def test_train_accepts_paths(tiny_base_dir, tmp_path):
+    """pathlib.Path for the model (loaded by name), the data and the output directory."""
+    from gircse import GIRCSE
+
+    base = tiny_base_dir
+    data = tmp_path / "d.jsonl"
+    write_rows(data, make_rows(4))
+    model = train(base, data, tmp_path / "run", TrainConfig(k=2, batch_size=4, lora_r=2, progress=False))
+    assert model.base_model == str(base) and hasattr(model.model, "peft_config")
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"] == str(data)
+    assert GIRCSE.from_pretrained(tmp_path / "run").k == 2
+
+
+def test_resume_names_a_malformed_log_line(tmp_path):
+    from gircse.data import DataError
+    from gircse.training.trainer import _rewrite_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2\n')
+    with pytest.raises(DataError, match="train_log.jsonl:2: invalid JSON"):
+        _rewrite_log(str(log), 1)

@@ -56,10 +56,39 @@ def test_cli_train_saves_a_loadable_model(smollm2_tokenizer, tmp_path):
     assert not np.allclose(loaded.encode(["alpha beta", "gamma"]), plain)  # the adapter is applied
 
 
-def test_cli_missing_data(tmp_path):
-    args = _parser().parse_args(["train", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="no such data file"):
-        args.func(args)
+def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_loading):
+    from gircse.cli import main
+
+    from .test_training import make_rows, write_rows
+
+    good = write_rows(tmp_path / "good.jsonl", make_rows(6))
+    rows = make_rows(6)
+    rows[4]["pos"] = []
+    bad = write_rows(tmp_path / "bad.jsonl", rows)
+    out = str(tmp_path / "o")
+    cases = [
+        (["--data", str(tmp_path / "nope.jsonl")], "no such training data file"),
+        (["--data", bad], "bad.jsonl:5: 'pos' needs at least 1 item"),
+        (["--data", good, "--num-negatives", "3"], "good.jsonl:1: 2 hard negative(s), training asks for 3"),
+        (["--data", good, "--max-steps", "0"], "max_steps must be >= 1"),
+        (["--data", good, "--lam", "-1"], "lam must be >= 0"),
+        (["--data", good, "--max-grad-norm", "0"], "max_grad_norm must be > 0"),
+        (["--data", good, "--lora-alpha", "0"], "lora_alpha must be >= 1"),
+        (["--data", good, "--checkpoint-every", "-1"], "checkpoint_every must be >= 0"),
+        (["--data", good, "--lr", "nan"], "lr must be finite"),
+        (["--data", good, "--model", str(tmp_path / "no-model")], "--model: no such directory"),
+        (["--data", good, "--device", "gpu0"], "--device 'gpu0'"),
+    ]
+    for extra, message in cases:
+        assert main(["train", "--out", out] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("gircse train: ") and message in err and err.count("\n") == 1, (extra, err)
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--out", str(tmp_path / "file"), "--data", good]) == 2
+    assert "is a file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", out, "--dtype", "int8"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def test_methods_match_the_model_layer_and_parser_is_cheap():

@@ -179,7 +179,9 @@ def build_examples(translations: dict[str, tuple[str, str]], sections: dict[str,
                    negatives: int = 2, min_chars: int = 120, max_chars: int = 700,
                    max_per_section: int = 700) -> dict[str, list[dict]]:
     """``{"train": rows, "dev_retrieval": rows, "dev_classification": rows}`` (deterministic given seed)."""
-    rng = random.Random(seed)
+    from ...validation import as_int
+
+    rng = random.Random(as_int("seed", seed))  # random.Random refuses numpy integers
     seen_desc, seen_summary = set(), set()
     by_section: dict[str, list[dict]] = defaultdict(list)
     for package in sorted(translations):
@@ -266,9 +268,22 @@ def build(out: str, *, translations: str = DEFAULT_TRANSLATIONS, dumpavail: str 
     return manifest
 
 
+def _k_list(text: str) -> list[int]:
+    """--k: comma-separated K values, each an int >= 1."""
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"every K must be >= 1, got {text!r}")
+    return ks
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gircse.data.debian",
-                                     description="Build contrastive training/dev sets from Debian package descriptions")
+    from ...cli import DTYPE_NAMES, OneLineParser, int_at_least, run_command
+
+    parser = OneLineParser(prog="python -m gircse.data.debian",
+                           description="Build contrastive training/dev sets from Debian package descriptions")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build train / dev_retrieval / dev_classification (.jsonl.gz) + manifest.json")
     b.add_argument("--out", required=True)
@@ -285,14 +300,16 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="dev retrieval + section classification of a model, per K (scaling curve)")
     e.add_argument("--model", default="default", help="'default', 'smollm2-135m', a saved GIRCSE directory, ...")
     e.add_argument("--method", default=None, choices=("gircse", "causal-eos", "bidirectional-avg"))
-    e.add_argument("--k", default="1,3,5,10,15,20", help="comma-separated K values (one pass with max K)")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--limit", type=int, default=None, help="first N rows of each dev set (quick checks)")
-    e.add_argument("--dtype", default=None)
+    e.add_argument("--k", type=_k_list, default=[1, 3, 5, 10, 15, 20],
+                   help="comma-separated K values >= 1 (one pass with max K; default 1,3,5,10,15,20)")
+    e.add_argument("--batch-size", type=int_at_least(1), default=32)
+    e.add_argument("--limit", type=int_at_least(1), default=None,
+                   help="first N >= 1 rows of each dev set (quick checks; default: all)")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
     e.add_argument("--output", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     if args.command == "eval":
-        return _run_eval(args)
+        return run_command(f"{parser.prog} eval", _run_eval, args)
     manifest = build(args.out, translations=args.translations, dumpavail=args.dumpavail, seed=args.seed,
                      n_train=args.n_train, n_dev=args.n_dev, n_class_per_section=args.n_class_per_section,
                      negatives=args.negatives, min_chars=args.min_chars, max_chars=args.max_chars,
@@ -305,14 +322,18 @@ def main(argv=None) -> int:
 def _run_eval(args) -> int:
     import gircse
 
+    from ... import loading
+    from ...cli import check_output_path
     from .dev import evaluate, format_table
 
+    if args.output is not None:
+        check_output_path(args.output)
     if args.model == "default":
         model = gircse.load_default(method=args.method, dtype=args.dtype)
     else:
+        loading.check_model_reference(args.model, what="--model")
         model = gircse.GIRCSE.from_pretrained(args.model, method=args.method, dtype=args.dtype)
-    result = evaluate(model, ks=[int(k) for k in args.k.split(",")], batch_size=args.batch_size, limit=args.limit,
-                      show_progress_bar=True)
+    result = evaluate(model, ks=args.k, batch_size=args.batch_size, limit=args.limit, show_progress_bar=True)
     result["model"] = args.model
     print(format_table(result))
     if args.output:

@@ -9,7 +9,6 @@ Each JSON is what ``python -m gircse.data.debian eval --output`` writes. The plo
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def comparison_table(results: dict[str, dict]) -> str:
@@ -55,6 +54,8 @@ def plot_k_scaling(results: dict[str, dict], path: str) -> None:
 
 
 def main(argv=None) -> None:
+    from ...loading import read_json
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="label=path.json, in table order")
     parser.add_argument("--plot", help="write the K-scaling PNG here")
@@ -64,8 +65,7 @@ def main(argv=None) -> None:
         label, sep, path = item.rpartition("=")  # labels may contain "=", paths rarely do
         if not sep:
             parser.error(f"results must be label=path.json, got {item!r}")
-        with open(path) as f:
-            results[label] = json.load(f)
+        results[label] = read_json(path)  # a malformed file is named
     print(comparison_table(results))
     if args.plot:
         plot_k_scaling(results, args.plot)
