@@ -511,3 +511,23 @@ def test_required_extension_is_the_compiled_one():
     from gircse_kernels import _C
 
     assert cpu.load_extension() is _C
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_setup_fails_loudly_when_the_extension_is_required(tmp_path, required):
+    """A failing compiler: setup.py only warns normally, but fails under GIRCSE_REQUIRE_EXTENSION=1."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(root, name), tmp_path)
+    shutil.copytree(os.path.join(root, "csrc"), tmp_path / "csrc")
+    shutil.copytree(os.path.join(root, "gircse_kernels"), tmp_path / "gircse_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = dict(os.environ, CXX="/bin/false", GIRCSE_REQUIRE_EXTENSION="1" if required else "0")
+    env.pop("GIRCSE_NO_EXTENSION", None)
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "C++ CPU extension not built" in run.stderr
+    assert (run.returncode != 0) == required, run.stderr[-2000:]
+    assert not list((tmp_path / "gircse_kernels").glob("_C*.so"))
