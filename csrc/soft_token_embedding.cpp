@@ -1572,9 +1572,16 @@ void tile_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& w
   const ThreadBuffer wrow_buf(t, bf16 && weight.stride(1) != 1 ? tv * d : 0, f16);
   const ThreadBuffer erow_buf(t, bf16 && !tied && embed.stride(1) != 1 ? tv * d_e : 0, f16);
   const ThreadBuffer w32_buf(t, upcast ? tv * d : 0, f32), e32_buf(t, upcast && !tied ? tv * d_e : 0, f32);
-  // fp32 weight-gradient accumulators of the tile an item works on ([splits * groups] of them when
-  // groups share a tile, else one per thread).
-  const int64_t acc_slots = G > 1 ? S * G : t;
+  // fp32 weight-gradient accumulators of the tiles items work on: one tile per thread when each tile
+  // belongs to one item (G == 1); with row groups (G > 1) every item keeps `per_step` tiles, which
+  // the groups of a split then sum in group order (a barrier per step, so steps are made long).
+  const bool weight_grads = need_weight || need_embed || need_bias;
+  const int64_t acc_width = (need_weight ? d : 0) + (need_embed && !merge_tied ? d_e : 0) + (need_bias ? 1 : 0);
+  const int64_t per_step =
+      G > 1 && weight_grads
+          ? std::clamp<int64_t>(kPartialBudget / (S * G * tv * acc_width * 4), 1, ceil_div(c.tiles, S))
+          : 1;
+  const int64_t acc_slots = (G > 1 ? S * G : t) * per_step;
   Tensor dw_acc = need_weight ? at::empty({acc_slots, tv, d}, f32) : Tensor();
   Tensor de_acc = need_embed && !merge_tied ? at::empty({acc_slots, tv, d_e}, f32) : Tensor();
   Tensor db_acc = need_bias ? at::empty({acc_slots, tv}, f32) : Tensor();
@@ -1693,49 +1700,62 @@ void tile_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& w
     }
   };
 
-  // Writes tile `tile`'s weight gradients: the sum of accumulator slots [slot0, slot0 + count).
-  auto write_tile = [&](int64_t tile, int64_t slot0, int64_t count) {
-    const int64_t v0 = tile * tv, n = std::min(tv, vocab - v0);
-    auto reduce_into = [&](const Tensor& accs, int64_t width, Tensor& out) {
-      Tensor sum = accs[slot0].narrow(0, 0, n);
-      if (count > 1) {
-        sum = sum.clone();
-        for (int64_t i = 1; i < count; ++i) sum.add_(accs[slot0 + i].narrow(0, 0, n));
-      }
-      out.narrow(0, v0, n).copy_(width > 0 ? sum.narrow(1, 0, width) : sum);
+  // Writes rows [r0, r1) of tile `tile`'s weight gradients: the sum, in order, of accumulator slots
+  // slot0, slot0 + stride, ... (count of them).
+  auto write_rows = [&](int64_t tile, int64_t r0, int64_t r1, int64_t slot0, int64_t stride, int64_t count) {
+    const int64_t v0 = tile * tv;
+    auto reduce = [&](const Tensor& accs, int64_t width, Tensor& out) {
+      dispatch_dtype(out.scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        T* dst = out.data_ptr<T>() + (v0 + r0) * width;
+        const float* first = accs.data_ptr<float>() + (slot0 * tv + r0) * width;
+        const int64_t step = stride * tv * width;
+        for (int64_t e = 0; e < (r1 - r0) * width; ++e) {
+          float sum = first[e];
+          for (int64_t i = 1; i < count; ++i) sum += first[i * step + e];
+          dst[e] = narrow_to<T>(sum);
+        }
+      });
     };
-    if (need_weight) reduce_into(dw_acc, d, *d_weight);
-    if (d_embed) reduce_into(de_acc, d_e, *d_embed);
-    if (need_bias) reduce_into(db_acc, 0, *d_bias);
+    if (need_weight) reduce(dw_acc, d, *d_weight);
+    if (d_embed) reduce(de_acc, d_e, *d_embed);
+    if (need_bias) reduce(db_acc, 1, *d_bias);
   };
 
-  if (G == 1) {
-    parallel_items(S, [&](int64_t s) {
-      const int64_t slot = at::get_thread_num();
+  if (G == 1 || !weight_grads) {  // each item owns its tiles' weight gradients (if any): one pass
+    parallel_items(S * G, [&](int64_t item) {
+      const int64_t s = item / G, g = item % G, slot = at::get_thread_num();
       const auto [first, last] = split_tiles(c, s);
       for (int64_t tile = first; tile < last; ++tile) {
-        process_tile(s, 0, tile, slot);
-        write_tile(tile, slot, 1);
+        process_tile(s, g, tile, slot);
+        if (weight_grads) write_rows(tile, 0, std::min(tv, vocab - tile * tv), slot, 1, 1);
       }
       if (bf16) at::native::cpublas::brgemm_release(true);
     });
   } else {
-    // Groups share each tile's weight gradients: run tile by tile, then sum the groups' fp32
-    // accumulators in group order.
-    const int64_t steps = ceil_div(c.tiles, S);
+    // Groups share each tile's weight gradients: items run `per_step` tiles each, then the groups'
+    // accumulators are summed in group order, in parallel over (split, tile, chunk of rows).
+    const int64_t steps = ceil_div(ceil_div(c.tiles, S), per_step);
+    const int64_t chunks = std::max<int64_t>(1, ceil_div(t, S * per_step)), chunk_rows = ceil_div(tv, chunks);
     for (int64_t step = 0; step < steps; ++step) {
       parallel_items(S * G, [&](int64_t item) {
         const int64_t s = item / G, g = item % G;
         const auto [first, last] = split_tiles(c, s);
-        if (first + step < last) process_tile(s, g, first + step, item);
+        for (int64_t j = 0; j < per_step; ++j) {
+          const int64_t tile = first + step * per_step + j;
+          if (tile < last) process_tile(s, g, tile, item * per_step + j);
+        }
         if (bf16) at::native::cpublas::brgemm_release(true);
       });
-      if (need_weight || need_embed || need_bias) {
-        parallel_items(S, [&](int64_t s) {
-          const auto [first, last] = split_tiles(c, s);
-          if (first + step < last) write_tile(first + step, s * G, G);
-        });
-      }
+      parallel_items(S * per_step * chunks, [&](int64_t item) {
+        const int64_t s = item / (per_step * chunks), j = item / chunks % per_step, part = item % chunks;
+        const auto [first, last] = split_tiles(c, s);
+        const int64_t tile = first + step * per_step + j;
+        if (tile >= last) return;
+        const int64_t n = std::min(tv, vocab - tile * tv);
+        const int64_t r0 = std::min(n, part * chunk_rows), r1 = std::min(n, r0 + chunk_rows);
+        if (r0 < r1) write_rows(tile, r0, r1, s * G * per_step + j, per_step, G);
+      });
     }
   }
   if (need_hidden) d_hidden = sum_partials(dh, d, hidden.scalar_type());
