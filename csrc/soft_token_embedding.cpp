@@ -8,18 +8,19 @@
 //
 // Two paths
 // ---------
-// *Tile GEMMs* (the default for B above a small threshold). The vocabulary is cut into tiles of
-// `tile_v` rows (scaling with 1 / (d + d_e), so a W and an E tile stay cache-sized), the tiles into S
-// contiguous *splits* and the rows into G *row groups*; work item (split, group) runs an online
-// softmax (running max m, running sum s, fp32 accumulator) over its split's tiles for its rows, the
-// tile outer and blocks of `row_block` rows inner, so a prepared tile serves every row block of the
-// group. The S partial states are merged per row by log-sum-exp in a fixed order. S and G are chosen
-// from the thread count under a memory budget: the per-split partials (S x B x d_e floats forward,
-// S x B x d backward) never exceed kPartialBudget, whatever the thread count, so large batches get
-// row groups instead of vocabulary splits (with G > 1 the backward runs tile by tile and sums the
-// groups' fp32 weight-gradient tiles in a fixed order). All logits are kept vocabulary-major
-// (z^T [tile, rows]), which lets the backward's weight gradients (dz^T h, p^T dO) use the
-// elementwise outputs without a transpose.
+// *Tile GEMMs* (the default for B above 8 rows with native bf16 GEMMs, else 16). The vocabulary is
+// cut into tiles of `tile_v` rows (scaling with 1 / (d + d_e), so a W and an E tile stay
+// cache-sized, but at least 256 rows), the tiles into S contiguous *splits* and the rows into G *row
+// groups*; work item (split, group) runs an online softmax (running max m, running sum s, fp32
+// accumulator) over its split's tiles for its rows, the tile outer and blocks of `row_block` rows
+// inner, so a prepared tile serves every row block of the group. The S partial states are merged per
+// row by log-sum-exp in a fixed order. S and G are chosen from the thread count under a memory
+// budget: the per-split partials (S x B x d_e floats forward, S x B x d backward) never exceed
+// kPartialBudget, whatever the thread count, so large batches get row groups instead of vocabulary
+// splits (with G > 1 and weight gradients, the backward runs a few tiles per step and sums the
+// groups' fp32 weight-gradient tiles in a fixed order). Per-thread buffers are tile-sized. Logits
+// are kept vocabulary-major (z^T [tile, rows]), which lets the backward's weight gradients
+// (dz^T h, p^T dO) use the elementwise outputs without a transpose.
 //   GEMM engines (`gemm=`): "bf16" uses at::native::cpublas::brgemm (oneDNN's ukernel) with bf16
 //   operands and an fp32 destination, on CPUs with a native bf16 dot product (AVX512-BF16 or AMX);
 //   operands it needs in VNNI layout (pairs of K rows interleaved) are packed per tile or once per
@@ -163,8 +164,8 @@ bool probe_brgemm() {
 }
 
 bool bf16_gemm_available() {
-  static const bool ok = (cpu_avx512_bf16() || cpu_amx_bf16()) && at::globalContext().userEnabledMkldnn() &&
-                         probe_brgemm();
+  if (!at::globalContext().userEnabledMkldnn()) return false;  // torch.backends.mkldnn.enabled = False
+  static const bool ok = (cpu_avx512_bf16() || cpu_amx_bf16()) && probe_brgemm();
   return ok;
 }
 
@@ -1138,8 +1139,10 @@ int64_t stream_split_count(int64_t vocab, bool invariant) {
   return std::max<int64_t>(1, std::min(threads(), vocab / 64));
 }
 
-// Automatic threshold: at most this many rows take the streaming path (measured crossover with the
-// tile GEMMs, bench/test_bench_cpu_small_batch.py): later where the tile path has no native bf16 GEMM.
+// Automatic threshold: at most this many rows take the streaming path. Measured side by side on the
+// 2-core AVX512-BF16 machine (forward + backward): with native bf16 GEMMs the tiles win from B ~ 8 in
+// bf16; against fp32 GEMMs (fp32 / fp16 inputs, or bf16 without native bf16 GEMMs) the streaming
+// path was still ahead at B = 16 (and, there, up to B = 48 against MKL fp32).
 int64_t stream_rows_limit(int64_t requested, at::ScalarType dtype, int64_t engine) {
   TORCH_CHECK(requested >= -1 && requested <= kMaxStreamRows, "gircse_kernels._C: stream_rows must be in [-1, ",
               kMaxStreamRows, "], got ", requested);
