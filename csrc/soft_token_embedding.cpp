@@ -67,6 +67,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -481,28 +482,6 @@ GI void chunk_rows(const T* base, int64_t s0, int64_t s1, int64_t v0, int64_t n,
   for (int64_t i = n; i < kW; ++i) rows[i] = rows[0];
 }
 
-// Lane i = <rows[i], x> (fp32, length len): kW accumulators, one per vocabulary row, each with a
-// fixed summation order, reduced by transpose_reduce; the remainder of len is added per lane last.
-template <int kW, typename T>
-GI typename VT<kW>::F chunk_dots(const T* const* rows, const float* x, int64_t len) {
-  typedef typename VT<kW>::F F;
-  F acc[kW];
-  for (int i = 0; i < kW; ++i) acc[i] = F{};
-  int64_t j = 0;
-  for (; j + kW <= len; j += kW) {
-    const F xv = vload<kW>(x + j);
-#pragma GCC unroll 16
-    for (int i = 0; i < kW; ++i) acc[i] += vload<kW>(rows[i] + j) * xv;
-  }
-  F out = transpose_reduce<kW>(acc);
-  for (; j < len; ++j) {
-    F col;
-    for (int i = 0; i < kW; ++i) col[i] = widen(rows[i][j]);
-    out += col * x[j];
-  }
-  return out;
-}
-
 // bf16 rows: 2 kW values load as kW 32-bit words whose low halves (shifted up) are the even
 // elements and whose high halves (masked) are the odd ones, exact fp32 with two integer ops and no
 // lane conversion. `x` is then in pair-split order (see split_pairs): per 2 kW block, the kW even
@@ -516,20 +495,29 @@ GI void bf16_halves(const at::BFloat16* p, typename VT<kW>::F& even, typename VT
   std::memcpy(&odd, &hi, sizeof odd);
 }
 
-template <int kW>
-GI typename VT<kW>::F chunk_dots(const at::BFloat16* const* rows, const float* x, int64_t len) {
+// Lane i = <rows[i], x> (fp32, length len): kW accumulators, one per vocabulary row, each with a
+// fixed summation order, reduced by transpose_reduce; the remainder of len is added per lane last.
+template <int kW, typename T>
+GI typename VT<kW>::F chunk_dots(const T* const* rows, const float* x, int64_t len) {
   typedef typename VT<kW>::F F;
+  constexpr int64_t kStep = std::is_same_v<T, at::BFloat16> ? 2 * kW : kW;
   F acc[kW];
   for (int i = 0; i < kW; ++i) acc[i] = F{};
   int64_t j = 0;
-  for (; j + 2 * kW <= len; j += 2 * kW) {
-    const F xe = vload<kW>(x + j), xo = vload<kW>(x + j + kW);
+  for (; j + kStep <= len; j += kStep) {
+    if constexpr (kStep == 2 * kW) {  // bf16: x in pair-split order (bf16_halves)
+      const F xe = vload<kW>(x + j), xo = vload<kW>(x + j + kW);
 #pragma GCC unroll 16
-    for (int i = 0; i < kW; ++i) {
-      F e, o;
-      bf16_halves<kW>(rows[i] + j, e, o);
-      acc[i] += e * xe;
-      acc[i] += o * xo;
+      for (int i = 0; i < kW; ++i) {
+        F e, o;
+        bf16_halves<kW>(rows[i] + j, e, o);
+        acc[i] += e * xe;
+        acc[i] += o * xo;
+      }
+    } else {
+      const F xv = vload<kW>(x + j);
+#pragma GCC unroll 16
+      for (int i = 0; i < kW; ++i) acc[i] += vload<kW>(rows[i] + j) * xv;
     }
   }
   F out = transpose_reduce<kW>(acc);
@@ -689,6 +677,28 @@ GI void weight_grad_rows(T* out, int64_t cols, int64_t rows, int64_t n, const fl
   }
 }
 
+// The chunk of vocabulary rows [v0, v0 + n), n <= kW: its W rows and E rows (the same ones when
+// tied; see chunk_rows), its bias lanes and which lanes are real rows.
+template <int kW, typename T>
+struct Chunk {
+  int64_t n;
+  const T* wrows[kW];
+  const T* erows[kW];
+  typename VT<kW>::F bias;
+  typename VT<kW>::I valid;
+
+  GI Chunk(const StreamArgs<T>& a, int64_t v0, int64_t v_end, T* gather) : n(std::min<int64_t>(kW, v_end - v0)) {
+    chunk_rows<kW>(a.w, a.w_s0, a.w_s1, v0, n, a.d, gather, wrows);
+    if (a.tied) {
+      for (int i = 0; i < kW; ++i) erows[i] = wrows[i];
+    } else {
+      chunk_rows<kW>(a.e, a.e_s0, a.e_s1, v0, n, a.d_e, gather + kMaxW * a.d, erows);
+    }
+    bias = chunk_bias<kW>(a.bias, v0, n);
+    valid = lane_index<kW>() < static_cast<int32_t>(n);
+  }
+};
+
 template <typename T>
 struct StreamForwardJob {
   StreamArgs<T> a;
@@ -713,22 +723,12 @@ GI void stream_forward_impl(const StreamForwardJob<T>& job) {
     run_m[b] = -kInf;
     run_s[b] = 0.f;
   }
-  const T* wrows[kW];
-  const T* erows[kW];
-  const typename VT<kW>::I lanes = lane_index<kW>();
   for (int64_t v0 = job.v_begin; v0 < job.v_end; v0 += kW) {
-    const int64_t n = std::min<int64_t>(kW, job.v_end - v0);
-    chunk_rows<kW>(a.w, a.w_s0, a.w_s1, v0, n, a.d, job.gather, wrows);
-    if (a.tied) {
-      for (int i = 0; i < kW; ++i) erows[i] = wrows[i];
-    } else {
-      chunk_rows<kW>(a.e, a.e_s0, a.e_s1, v0, n, a.d_e, job.gather + kMaxW * a.d, erows);
-    }
-    const F bias = chunk_bias<kW>(a.bias, v0, n);
-    const typename VT<kW>::I valid = lanes < static_cast<int32_t>(n);
+    const Chunk<kW, T> c(a, v0, job.v_end, job.gather);
     for (int64_t b = 0; b < job.rows; ++b) {
-      F z = finish_logits<kW>(chunk_dots<kW>(wrows, job.h + b * a.d, a.d), bias, a.temperature, a.softcap, nullptr);
-      z = valid ? z : F{} - kInf;
+      F z = finish_logits<kW>(chunk_dots<kW>(c.wrows, job.h + b * a.d, a.d), c.bias, a.temperature, a.softcap,
+                              nullptr);
+      z = c.valid ? z : F{} - kInf;
       const float m_new = std::max(run_m[b], hmax<kW>(z));
       const float safe = m_new == -kInf ? 0.f : m_new;  // fully masked so far: exp(-inf - 0) = 0
       scale[b] = std::exp(run_m[b] - safe);
@@ -737,7 +737,7 @@ GI void stream_forward_impl(const StreamForwardJob<T>& job) {
       run_m[b] = m_new;
       vstore<kW>(p + b * kW, pv);
     }
-    accumulate_rows<kW>(job.acc, job.ld_acc, job.rows, scale, p, erows, n, a.d_e);
+    accumulate_rows<kW>(job.acc, job.ld_acc, job.rows, scale, p, c.erows, c.n, a.d_e);
   }
   for (int64_t b = 0; b < job.rows; ++b) {
     job.m_out[b] = run_m[b];
@@ -779,30 +779,20 @@ GI void stream_backward_impl(const StreamBackwardJob<T>& job) {
   float* DZ = job.work + job.rows * kMaxW;  // [rows][kW]
   float* ones = DZ + job.rows * kMaxW;      // [rows]
   for (int64_t b = 0; b < job.rows; ++b) ones[b] = 1.f;
-  const T* wrows[kW];
-  const T* erows[kW];
-  const typename VT<kW>::I lanes = lane_index<kW>();
   for (int64_t v0 = job.v_begin; v0 < job.v_end; v0 += kW) {
-    const int64_t n = std::min<int64_t>(kW, job.v_end - v0);
-    chunk_rows<kW>(a.w, a.w_s0, a.w_s1, v0, n, a.d, job.gather, wrows);
-    if (a.tied) {
-      for (int i = 0; i < kW; ++i) erows[i] = wrows[i];
-    } else {
-      chunk_rows<kW>(a.e, a.e_s0, a.e_s1, v0, n, a.d_e, job.gather + kMaxW * a.d, erows);
-    }
-    const F bias = chunk_bias<kW>(a.bias, v0, n);
-    const typename VT<kW>::I valid = lanes < static_cast<int32_t>(n);
+    const Chunk<kW, T> c(a, v0, job.v_end, job.gather);
     for (int64_t b = 0; b < job.rows; ++b) {
       F cap_grad;
-      const F z = finish_logits<kW>(chunk_dots<kW>(wrows, job.h_dot + b * a.d, a.d), bias, a.temperature, a.softcap,
-                                    &cap_grad);
+      const F z = finish_logits<kW>(chunk_dots<kW>(c.wrows, job.h_dot + b * a.d, a.d), c.bias, a.temperature,
+                                    a.softcap, &cap_grad);
       F p = vexp<kW>(z - job.lse[b]);
-      p = valid ? p : F{};
+      p = c.valid ? p : F{};
       F dz = F{};
       if (need_dz) {
-        const F dp = chunk_dots<kW>(erows, job.g_dot + b * a.d_e, a.d_e);
-        dz = p * (dp - job.delta[b]) * cap_grad / a.temperature;  // d raw logit
-        dz = valid ? dz : F{};
+        const F dp = chunk_dots<kW>(c.erows, job.g_dot + b * a.d_e, a.d_e);
+        dz = p * (dp - job.delta[b]) * cap_grad;
+        if (a.temperature != 1.0f) dz = dz / a.temperature;  // d raw logit
+        dz = c.valid ? dz : F{};
       }
       vstore<kW>(P + b * kW, p);
       vstore<kW>(DZ + b * kW, dz);
@@ -819,15 +809,15 @@ GI void stream_backward_impl(const StreamBackwardJob<T>& job) {
         vstore<kW>(DZ + b * kW, skip ? F{} : vload<kW>(DZ + b * kW));
       }
     }
-    if (job.dh) accumulate_rows<kW>(job.dh, job.ld_dh, job.rows, ones, DZ, wrows, n, a.d);
+    if (job.dh) accumulate_rows<kW>(job.dh, job.ld_dh, job.rows, ones, DZ, c.wrows, c.n, a.d);
     if (job.dw) {
-      weight_grad_rows<kW>(job.dw + v0 * a.d, a.d, job.rows, n, DZ, job.h, job.merge_tied ? P : nullptr, job.g);
+      weight_grad_rows<kW>(job.dw + v0 * a.d, a.d, job.rows, c.n, DZ, job.h, job.merge_tied ? P : nullptr, job.g);
     }
-    if (job.de) weight_grad_rows<kW>(job.de + v0 * a.d_e, a.d_e, job.rows, n, P, job.g, nullptr, nullptr);
+    if (job.de) weight_grad_rows<kW>(job.de + v0 * a.d_e, a.d_e, job.rows, c.n, P, job.g, nullptr, nullptr);
     if (job.db) {
       F s = F{};
       for (int64_t b = 0; b < job.rows; ++b) s += vload<kW>(DZ + b * kW);
-      for (int64_t i = 0; i < n; ++i) job.db[v0 + i] = narrow_to<T>(s[i]);
+      for (int64_t i = 0; i < c.n; ++i) job.db[v0 + i] = narrow_to<T>(s[i]);
     }
   }
 }
@@ -1047,48 +1037,46 @@ GI void pack_pairs_impl(const at::BFloat16* src, int64_t s0, int64_t s1, int64_t
 // =============================================================================================
 // 5. One set of entry points per instruction set, chosen at run time.
 
-template <int kW>
-GI void stream_forward_any(at::ScalarType dt, const void* job) {
-  if (dt == at::kBFloat16) {
-    stream_forward_impl<kW>(*static_cast<const StreamForwardJob<at::BFloat16>*>(job));
-  } else if (dt == at::kHalf) {
-    stream_forward_impl<kW>(*static_cast<const StreamForwardJob<at::Half>*>(job));
+template <int kW, typename T>
+GI void stream_run(bool backward, const void* job) {
+  if (backward) {
+    stream_backward_impl<kW>(*static_cast<const StreamBackwardJob<T>*>(job));
   } else {
-    stream_forward_impl<kW>(*static_cast<const StreamForwardJob<float>*>(job));
+    stream_forward_impl<kW>(*static_cast<const StreamForwardJob<T>*>(job));
   }
 }
 
+// A streaming job (StreamForwardJob<T> or StreamBackwardJob<T>, T from dt).
 template <int kW>
-GI void stream_backward_any(at::ScalarType dt, const void* job) {
+GI void stream_any(at::ScalarType dt, bool backward, const void* job) {
   if (dt == at::kBFloat16) {
-    stream_backward_impl<kW>(*static_cast<const StreamBackwardJob<at::BFloat16>*>(job));
+    stream_run<kW, at::BFloat16>(backward, job);
   } else if (dt == at::kHalf) {
-    stream_backward_impl<kW>(*static_cast<const StreamBackwardJob<at::Half>*>(job));
+    stream_run<kW, at::Half>(backward, job);
   } else {
-    stream_backward_impl<kW>(*static_cast<const StreamBackwardJob<float>*>(job));
+    stream_run<kW, float>(backward, job);
   }
 }
 
 struct Kernels {
-  void (*stream_forward)(at::ScalarType, const void*);
-  void (*stream_backward)(at::ScalarType, const void*);
+  void (*stream)(at::ScalarType, bool backward, const void* job);
   void (*tile_forward_softmax)(const TileSoftmaxJob&);
   void (*tile_backward_elementwise)(const TileGradJob&);
   void (*pack_pairs)(const at::BFloat16*, int64_t, int64_t, int64_t, int64_t, at::BFloat16*);
 };
 
 #define GIRCSE_KERNELS(SUFFIX, ATTR, KW)                                                                     \
-  ATTR void stream_forward_##SUFFIX(at::ScalarType dt, const void* job) { stream_forward_any<KW>(dt, job); }   \
-  ATTR void stream_backward_##SUFFIX(at::ScalarType dt, const void* job) { stream_backward_any<KW>(dt, job); } \
+  ATTR void stream_##SUFFIX(at::ScalarType dt, bool backward, const void* job) {                              \
+    stream_any<KW>(dt, backward, job);                                                                         \
+  }                                                                                                            \
   ATTR void tile_forward_softmax_##SUFFIX(const TileSoftmaxJob& j) { tile_forward_softmax_impl<KW>(j); }       \
   ATTR void tile_backward_elementwise_##SUFFIX(const TileGradJob& j) { tile_backward_elementwise_impl<KW>(j); } \
   ATTR void pack_pairs_##SUFFIX(const at::BFloat16* s, int64_t s0, int64_t s1, int64_t r, int64_t c,          \
                                 at::BFloat16* d) {                                                             \
     pack_pairs_impl<KW>(s, s0, s1, r, c, d);                                                                   \
   }                                                                                                            \
-  const Kernels kKernels_##SUFFIX = {stream_forward_##SUFFIX, stream_backward_##SUFFIX,                        \
-                                     tile_forward_softmax_##SUFFIX, tile_backward_elementwise_##SUFFIX,        \
-                                     pack_pairs_##SUFFIX};
+  const Kernels kKernels_##SUFFIX = {stream_##SUFFIX, tile_forward_softmax_##SUFFIX,                            \
+                                     tile_backward_elementwise_##SUFFIX, pack_pairs_##SUFFIX};
 
 GIRCSE_KERNELS(baseline, , 4)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -1321,7 +1309,7 @@ std::tuple<Tensor, Tensor> stream_forward(const Tensor& hidden, const Tensor& we
                               run_m.data_ptr<float>() + s * rows + r0, run_s.data_ptr<float>() + s * rows + r0,
                               acc.data_ptr<float>() + (s * rows + r0) * ld, ld,
                               gather ? scratch[at::get_thread_num()].template data_ptr<T>() : nullptr};
-      k.stream_forward(hidden.scalar_type(), &job);
+      k.stream(hidden.scalar_type(), false, &job);
     });
   });
   return merge_splits(acc, run_m, run_s, d_e);
@@ -1359,7 +1347,7 @@ void stream_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor&
                                static_cast<float>(grad_filter_eps),
                                gather ? scratch[tid].template data_ptr<T>() : nullptr,
                                work[tid].data_ptr<float>()};
-      k.stream_backward(hidden.scalar_type(), &job);
+      k.stream(hidden.scalar_type(), true, &job);
     });
   });
   if (d_hidden) d_hidden = sum_partials(dh_part, d, hidden.scalar_type());
@@ -1407,6 +1395,12 @@ const at::BFloat16* unit_rows(const Tensor& w, int64_t v0, int64_t n, at::BFloat
   *ld = w.size(1);
   at::from_blob(buf, {n, w.size(1)}, w.options()).copy_(w.narrow(0, v0, n));
   return buf;
+}
+
+// Vocabulary rows [v0, v0 + n) of a bf16 matrix (any strides) as the bf16 engine's B operand with
+// K = those rows: VNNI pairs [ceil(n / 2), cols, 2].
+void pack_tile(const Kernels& k, const Tensor& w, int64_t v0, int64_t n, at::BFloat16* dst) {
+  k.pack_pairs(w.data_ptr<at::BFloat16>() + v0 * w.stride(0), w.stride(0), w.stride(1), n, w.size(1), dst);
 }
 
 // fp32 operand for the fp32 engine: the view itself for fp32 inputs, else an upcast copy in `buf`.
@@ -1480,8 +1474,7 @@ std::tuple<Tensor, Tensor> tile_forward(const Tensor& hidden, const Tensor& weig
       if (bf16) {
         w_rows = unit_rows(weight, v0, n, wrow_buf.get<at::BFloat16>(tid), &ldw);
         epack = epack_buf.get<at::BFloat16>(tid);
-        k.pack_pairs(embed.data_ptr<at::BFloat16>() + v0 * embed.stride(0), embed.stride(0), embed.stride(1), n,
-                     d_e, epack);
+        pack_tile(k, embed, v0, n, epack);
       } else {
         w32 = fp32_rows(weight, v0, n, w32_buf.get<float>(tid));
         e32 = tied ? w32 : fp32_rows(embed, v0, n, e32_buf.get<float>(tid));
@@ -1607,8 +1600,7 @@ void tile_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& w
       if (need_dz && !stacked) e_rows = unit_rows(embed, v0, n, erow_buf.get<at::BFloat16>(tid), &lde);
       if (need_hidden) {
         wpack = wpack_buf.get<at::BFloat16>(tid);
-        k.pack_pairs(weight.data_ptr<at::BFloat16>() + v0 * weight.stride(0), weight.stride(0), weight.stride(1), n,
-                     d, wpack);
+        pack_tile(k, weight, v0, n, wpack);
       }
     } else {
       w32 = fp32_rows(weight, v0, n, w32_buf.get<float>(tid));
