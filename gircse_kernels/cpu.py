@@ -15,12 +15,21 @@ Backend contract (shared by every backend module, see ``autograd.py``):
 unit last stride; the weights may have any strides (a transposed view is read tile by tile, never
 copied whole). Never a [B, V] buffer.
 
-Two paths (details in the C++ file): small batches stream each W / E row once (vector code cloned
-for AVX512, AVX2 and baseline x86-64, chosen from the CPU); larger ones run tile GEMMs, with native
-bf16 GEMMs (fp32 output) where the CPU has them (AVX512-BF16, AMX) and fp32 GEMMs on upcast tiles
-elsewhere. ``batch_invariant=True`` makes a row's output, lse and d_hidden bit-for-bit independent of
-the batch it is in (and of the thread count). Knobs, for tests and benchmarks (a keyword argument
-wins over the module attribute, which wins over the environment):
+Two paths (details in the C++ file): small batches (B <= 8 in bf16 with native bf16 GEMMs, else
+B <= 16) stream each W / E row once (vector code cloned for AVX512, AVX2 and baseline x86-64, chosen
+from the CPU); larger ones run tile GEMMs, with native bf16 GEMMs (fp32 output) where the CPU has
+them (AVX512-BF16, AMX) and fp32 GEMMs on upcast tiles elsewhere. Precision: the streaming path and
+the fp32 GEMMs accumulate everything in fp32 (out32 within ~1e-6 of the fp64 result, relative); the
+native bf16 GEMMs round their operands p and dz to bf16 (out32 within ~2e-3, like FlashAttention).
+Extra memory: the tile path's per-split partials stay under 64 MiB whatever the thread count (row
+groups take over from vocabulary splits for large B x d), plus tile-sized buffers per thread.
+
+``batch_invariant=True`` makes a row's output, lse and d_hidden bit-for-bit independent of the batch
+it is in and of the thread count (for one ISA clone): every B streams, over a number of vocabulary
+splits fixed by V (S = clamp(V // 8192, 1, 8)), so its partials take S x B x d_e (forward) and
+S x B x d (backward) floats, and large batches run at the streaming kernel's fp32 speed instead of
+the GEMMs'. Knobs, for tests and benchmarks (a keyword argument wins over the module attribute, which
+wins over the environment):
 
 ``STREAM_ROWS`` / ``stream_rows=``
     batches of at most this many rows stream: -1 = automatic, 0 = never, at most 64.
