@@ -138,11 +138,25 @@ uint16_t bf16_bits(float x) {  // exact for the small integers the probe uses
   return static_cast<uint16_t>(u >> 16);
 }
 
-// The bf16 engine's GEMM (brgemm, bf16 x bf16 -> fp32, B in VNNI layout) computes one awkward
-// product exactly (small integers, odd M / N, several K pairs), or this CPU / build cannot use it
-// (no oneDNN ukernel, MKLDNN disabled, or a B layout other than the one pack_pairs writes).
+// C [M, N] (+)= A [M, K] B, B in VNNI layout [K / 2, ldb, 2]. The ukernel has no blocking of its
+// own, so N and K are cut into 512-wide pieces that keep each B piece in L2 while all of A's rows
+// pass (measured ~1.5x faster than one call for N or K in the thousands, on par with at::mm).
+void brgemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
+            int64_t ldb, float* C, int64_t ldc, bool add_C) {
+  constexpr int64_t kPiece = 512;
+  for (int64_t n0 = 0; n0 < N; n0 += kPiece) {
+    for (int64_t k0 = 0; k0 < K; k0 += kPiece) {
+      at::native::cpublas::brgemm(M, std::min(kPiece, N - n0), std::min(kPiece, K - k0), lda, ldb, ldc,
+                                  add_C || k0 > 0, A + k0, B + k0 * ldb + 2 * n0, C + n0, /*is_vnni=*/true);
+    }
+  }
+}
+
+// The bf16 engine's GEMM (brgemm below) computes an awkward product exactly (small integers; odd M,
+// N and K pieces past the 512-wide blocking), or this CPU / build cannot use it (no oneDNN ukernel,
+// or a B layout other than the one pack_pairs writes, which would be a wrong answer, not an error).
 bool probe_brgemm() {
-  constexpr int64_t M = 7, N = 37, K = 10;
+  constexpr int64_t M = 9, N = 600, K = 1030;
   std::vector<uint16_t> a(M * K), b(K * N);  // b: VNNI [K/2][N][2]
   std::vector<float> c(M * N, 0.f), want(M * N, 0.f);
   auto av = [](int64_t i, int64_t k) { return static_cast<float>((i * 3 + k) % 7 - 3); };
@@ -155,8 +169,8 @@ bool probe_brgemm() {
     for (int64_t j = 0; j < N; ++j)
       for (int64_t k = 0; k < K; ++k) want[i * N + j] += av(i, k) * bv(k, j);
   try {
-    at::native::cpublas::brgemm(M, N, K, K, N, N, false, reinterpret_cast<const at::BFloat16*>(a.data()),
-                                reinterpret_cast<const at::BFloat16*>(b.data()), c.data(), true);
+    brgemm(M, N, K, reinterpret_cast<const at::BFloat16*>(a.data()), K, reinterpret_cast<const at::BFloat16*>(b.data()),
+           N, c.data(), N, false);
     at::native::cpublas::brgemm_release(true);
   } catch (const std::exception&) {
     return false;
@@ -1417,20 +1431,6 @@ float* bias_tile(const std::optional<Tensor>& bias, int64_t v0, int64_t n, float
   if (bias->scalar_type() == at::kFloat) return bias->data_ptr<float>() + v0;
   at::from_blob(buf, {n}, bias->options().dtype(at::kFloat)).copy_(bias->narrow(0, v0, n));
   return buf;
-}
-
-// C [M, N] (+)= A [M, K] B, B in VNNI layout [K / 2, ldb, 2]. The ukernel has no blocking of its
-// own, so N and K are cut into 512-wide pieces that keep each B piece in L2 while all of A's rows
-// pass (measured ~1.5x faster than one call for N or K in the thousands, on par with at::mm).
-void brgemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
-            int64_t ldb, float* C, int64_t ldc, bool add_C) {
-  constexpr int64_t kPiece = 512;
-  for (int64_t n0 = 0; n0 < N; n0 += kPiece) {
-    for (int64_t k0 = 0; k0 < K; k0 += kPiece) {
-      at::native::cpublas::brgemm(M, std::min(kPiece, N - n0), std::min(kPiece, K - k0), lda, ldb, ldc,
-                                  add_C || k0 > 0, A + k0, B + k0 * ldb + 2 * n0, C + n0, /*is_vnni=*/true);
-    }
-  }
 }
 
 std::tuple<Tensor, Tensor> tile_forward(const Tensor& hidden, const Tensor& weight, const Tensor& embed,
