@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from .validation import as_float
 
-__all__ = ["icr_loss", "info_nce", "info_nce_logits"]
+__all__ = ["STEP_REDUCTIONS", "icr_loss", "info_nce", "info_nce_logits"]
+
+STEP_REDUCTIONS = ("sum", "mean")
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,8 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, *,
 
 
 def icr_loss(q_steps: torch.Tensor, p_steps: torch.Tensor, n_steps: torch.Tensor | None = None, *,
-             temperature: float = 0.02, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 0.02, lam: float = 1.0, step_reduction: str = "sum"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterative Contrastive Refinement loss.
 
     Args:
@@ -59,9 +62,11 @@ def icr_loss(q_steps: torch.Tensor, p_steps: torch.Tensor, n_steps: torch.Tensor
         n_steps: hard negatives, ``[B, H, K, d]``, or None (in-batch negatives only).
         temperature: tau of the cosine-similarity logits.
         lam: weight of the refinement regularizer.
+        step_reduction: how the K step losses combine: "sum" (the paper's Eq. 7) or "mean" (the
+            authors' released code), which weighs the regularizer K times more against them.
 
     For every step k: ``L_k`` = InfoNCE of ``q[:, k]`` against all ``B * (1 + H)`` documents at
-    step k (mean over the batch). ``total = sum_k L_k + lam * mean_{k<K} max(log L_{k+1} - log L_k, 0)``
+    step k (mean over the batch). ``total = reduce_k L_k + lam * mean_{k<K} max(log L_{k+1} - log L_k, 0)``
     (the regularizer penalizes any step whose loss is higher than the previous step's; it is 0 for K=1).
 
     Returns ``(total, per_step)``: fp32 scalar and the ``[K]`` values L_k (with graph; detach to log).
@@ -70,6 +75,8 @@ def icr_loss(q_steps: torch.Tensor, p_steps: torch.Tensor, n_steps: torch.Tensor
         raise ValueError(f"q_steps and p_steps must both be [B, K, d]; got {tuple(q_steps.shape)} and "
                          f"{tuple(p_steps.shape)}")
     lam = as_float("lam", lam, minimum=0)
+    if step_reduction not in STEP_REDUCTIONS:
+        raise ValueError(f"step_reduction must be one of {STEP_REDUCTIONS}, got {step_reduction!r}")
     batch, k_steps, dim = q_steps.shape
     if n_steps is not None and (n_steps.ndim != 4 or n_steps.shape[0] != batch or n_steps.shape[2:] != (k_steps, dim)):
         raise ValueError(f"n_steps must be [B, H, K, d] = [{batch}, H, {k_steps}, {dim}]; got {tuple(n_steps.shape)}")
@@ -77,7 +84,7 @@ def icr_loss(q_steps: torch.Tensor, p_steps: torch.Tensor, n_steps: torch.Tensor
         info_nce(q_steps[:, k], p_steps[:, k], None if n_steps is None else n_steps[:, :, k],
                  temperature=temperature)
         for k in range(k_steps)])
-    total = per_step.sum()
+    total = per_step.sum() if step_reduction == "sum" else per_step.mean()
     if k_steps > 1 and lam != 0:
         log_l = per_step.log()
         total = total + lam * torch.relu(log_l[1:] - log_l[:-1]).mean()

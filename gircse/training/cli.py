@@ -36,6 +36,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--temperature", type=float, default=d.temperature)
     parser.add_argument("--lam", type=float, default=d.lam, help="ICR regularizer weight")
+    parser.add_argument("--step-reduction", choices=("sum", "mean"), default=d.step_reduction,
+                        help="combine the K step losses by sum (the paper's Eq. 7) or mean (the authors' code)")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=d.max_length)
@@ -67,7 +69,8 @@ def config_from_args(args):
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     return TrainConfig(
-        method=args.method, k=args.k, temperature=args.temperature, lam=args.lam, lr=args.lr,
+        method=args.method, k=args.k, temperature=args.temperature, lam=args.lam,
+        step_reduction=args.step_reduction, lr=args.lr,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         num_negatives=args.num_negatives, embed_chunk=args.gradcache_chunk, max_length=args.max_length,

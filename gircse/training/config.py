@@ -18,6 +18,7 @@ class TrainConfig:
     k: int = 5                          # soft tokens during training (gircse)
     temperature: float = 0.02
     lam: float = 1.0                    # ICR regularizer weight (gircse)
+    step_reduction: str = "sum"         # sum (paper Eq. 7) | mean (authors' code) of the K step losses
     lr: float = 1e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -73,6 +74,7 @@ RULES = {
     "k": integer(1),
     "temperature": real(above=0),
     "lam": real(minimum=0),
+    "step_reduction": one_of(("sum", "mean")),
     "lr": real(above=0),
     "warmup_ratio": real(minimum=0, below=1),
     "weight_decay": real(minimum=0),

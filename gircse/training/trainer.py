@@ -108,7 +108,7 @@ def _loss_from_embeddings(emb: torch.Tensor, n_rows: int, config: TrainConfig):
     if neg is not None:
         neg = D.all_gather_with_grad(neg)
     lam = config.lam if config.method == "gircse" else 0.0
-    return icr_loss(q, p, neg, temperature=config.temperature, lam=lam)
+    return icr_loss(q, p, neg, temperature=config.temperature, lam=lam, step_reduction=config.step_reduction)
 
 
 def _groups(texts: list[str], n_rows: int, chunk: int | None, default: int = 16) -> list[list[int]]:
@@ -255,10 +255,11 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
             info = load_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler)
             saved = info["config"]
             current = config.public()
+            defaults = TrainConfig().public()  # an option added after the checkpoint was written had its default
             for key in sorted(set(saved) | set(current)):
                 if key in _RESUME_MAY_CHANGE:
                     continue
-                if saved.get(key) != current.get(key):
+                if saved.get(key, defaults.get(key)) != current.get(key):
                     raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)!r}, this run {current.get(key)!r}")
             if info.get("world_size", 1) != world:
                 raise ValueError(f"--resume: checkpoint was written with {info.get('world_size')} ranks, now {world}")

@@ -96,6 +96,11 @@ def test_icr_k3_regularizer_is_the_mean_over_steps():
     q2, p2, n2 = q[:, [0, 2, 1]], p[:, [0, 2, 1]], n[:, :, [0, 2, 1]]
     total2, _ = icr_loss(q2, p2, n2, temperature=tau, lam=lam)
     assert total2.item() == pytest.approx(sum(steps) + lam * (math.log(steps[2]) - math.log(steps[0])) / 2, rel=1e-9)
+    # The authors' reduction: the mean of the step losses, the same penalty.
+    total_mean, _ = icr_loss(q, p, n, temperature=tau, lam=lam, step_reduction="mean")
+    assert total_mean.item() == pytest.approx(sum(steps) / 3 + lam * sum(rises) / 2, rel=1e-9)
+    with pytest.raises(ValueError, match="step_reduction must be one of"):
+        icr_loss(q, p, n, step_reduction="max")
 
 
 def test_icr_gradients_match_finite_differences():

@@ -23,6 +23,10 @@ def test_config_from_args_defaults_are_the_papers():
     c = config_from_args(_parser().parse_args(["train", "--out", "x"]))
     assert (c.method, c.k, c.lr, c.warmup_ratio, c.temperature, c.lam, c.epochs) == ("gircse", 5, 1e-5, 0.1, 0.02, 1.0, 1)
     assert (c.lora_r, c.lora_alpha, c.lora_target_modules, c.embed_chunk) == (64, 32, "all-linear", None)
+    assert c.step_reduction == "sum"  # the paper's Eq. 7
+    c = config_from_args(_parser().parse_args(["train", "--out", "x", "--step-reduction", "mean",
+                                               "--max-grad-norm", "1.0"]))
+    assert c.step_reduction == "mean" and c.max_grad_norm == 1.0
     c = config_from_args(_parser().parse_args(["train", "--out", "x", "--method", "causal-eos", "--gradcache-chunk", "8",
                                                "--lora-target-modules", "q_proj,v_proj", "--bf16"]))
     assert c.method == "causal-eos" and c.embed_chunk == 8 and c.lora_target_modules == ["q_proj", "v_proj"] and c.bf16

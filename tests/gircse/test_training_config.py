@@ -24,7 +24,7 @@ def test_a_field_without_a_rule_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("field,bad", [
     ("method", "mean"), ("k", 0), ("k", 2.5), ("k", True), ("temperature", 0.0), ("temperature", float("nan")),
-    ("lam", -0.1), ("lr", 0.0), ("lr", float("inf")), ("warmup_ratio", 1.0), ("warmup_ratio", -0.1),
+    ("lam", -0.1), ("step_reduction", "max"), ("lr", 0.0), ("lr", float("inf")), ("warmup_ratio", 1.0), ("warmup_ratio", -0.1),
     ("weight_decay", -1e-3), ("epochs", 0), ("max_steps", 0), ("max_steps", -5), ("batch_size", 0),
     ("grad_accum", 0), ("num_negatives", -1), ("embed_chunk", 0), ("max_length", 1), ("lora_r", 0),
     ("lora_alpha", 0), ("lora_alpha", -8), ("lora_dropout", 1.0), ("lora_dropout", -0.1),
