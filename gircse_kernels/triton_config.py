@@ -1,18 +1,27 @@
-"""Launch configuration of the Triton kernels: the decode / general dispatcher and the workspace cache.
+"""Launch configuration of the Triton kernels: a pure function of the problem's shape.
 
-Pure Python (no Triton import), so the choice itself is unit-tested and the AOT gate can enumerate
-every configuration the dispatcher can return.
+Pure Python (no Triton import), so the choice itself is unit-tested, the AOT gate can enumerate every
+configuration it can return, and ``gircse_kernels.roofline`` derives each launched kernel's bytes and
+FLOPs from the very objects the launchers use.
 
-Why split the vocabulary: a program owns ``BLOCK_M`` rows and walks a range of vocabulary tiles.
-With B rows there are only ``ceil(B / BLOCK_M)`` row blocks; for cached decoding (B = 1..64) that is
-one to four programs on a GPU with 132 SMs. The op then costs one read of W and E (memory bound), so
-the vocabulary is cut into ``num_splits`` ranges processed by separate programs ("flash-decoding"),
-each writing a partial (max, sum, accumulator) that a small combine kernel merges. For large B the
-row blocks alone fill the machine and the split count falls to 1 (the "general" configuration).
+Why split the vocabulary: a program owns ``block_m`` rows and walks a range of vocabulary tiles. With
+B rows there are only ``ceil(B / block_m)`` row blocks; for cached decoding (B = 1..64) that is one
+to four programs on a GPU with 132 SMs. The op then costs one read of W and E (memory bound), so the
+vocabulary is cut into ``num_splits`` ranges processed by separate programs ("flash-decoding"), each
+writing a partial (max, sum, accumulator) that a combine kernel merges. For large B the row blocks
+alone fill the machine and the split count falls to 1 (the "general" configuration).
+
+Batch invariance (``batch_invariant=True``): a row's result depends only on the tile shapes, the
+split boundaries and the order of the reductions, so in this mode all of them are a function of
+(V, d, d_e, dtype) alone: a fixed ``block_m`` and a fixed split count, never B or the SM count.
+Rows are then launched in groups of ``row_group`` rows so the partials stay bounded; each row's
+arithmetic is the same in every group. (Outside this mode the split count follows B and the SM
+count, and a row's output can differ by rounding between batch sizes.)
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -20,26 +29,45 @@ import torch
 PROGRAMS_PER_SM = 2
 # Each split walks at least this many vocabulary tiles, so the combine stays negligible.
 MIN_TILES_PER_SPLIT = 2
-# The combine kernel reduces all splits of a row in one block: keep it a modest power of two.
-MAX_SPLITS = 256
+# Hard cap on the vocabulary splits of one launch.
+MAX_SPLITS = 512
+# Batch-invariant mode: a fixed split count (independent of B and of the GPU), enough to give a
+# B = 1 decode step a program per SM on current GPUs.
+INVARIANT_SPLITS = 160
 # Feature dimensions up to this size are held in registers (one block); larger ones are walked in
-# chunks of CHUNK with fp32 partials kept in a program-private workspace (see triton_fused).
+# chunks of CHUNK with fp32 partials kept in a program-private workspace slice (see triton_fused).
 MAX_REGISTER_DIM = 128
 CHUNK = 64
+# Bound on the fp32 partials of one launch ([splits, rows, d_e] forward, [splits, rows, d] backward):
+# batch-invariant launches are cut into row groups below it, and the fused backward falls back to
+# separate dh / weight kernels above it.
+WORKSPACE_BUDGET_BYTES = 256 << 20
+# The combine kernel: splits merged per step and output columns per program.
+COMBINE_BLOCK_S = 32
+COMBINE_BLOCK_DE = 128
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def feature_block(n: int) -> int:
+    """Block for a feature dimension: the whole (padded) dimension if small, else CHUNK."""
+    padded = max(16, _pow2(n))  # tl.dot needs every dimension >= 16
+    return padded if padded <= MAX_REGISTER_DIM else CHUNK
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    kind: str            # "decode" (split-V) or "general" (row blocks only)
+    """The launch shape of one kernel: what each program owns and how it walks it."""
     d: int               # LM-head (query) dimension
     d_embed: int         # embedding (value) dimension
-    block_m: int         # rows per program
+    block_m: int         # rows per program (per row-block pass for the vocabulary-tile kernels)
     block_v: int         # vocabulary rows per tile
-    weights_block_v: int  # vocabulary rows per program of the weight-gradient kernel (it holds dW, dE tiles)
     block_d: int         # chunk of d (the padded d itself when it fits in registers)
     block_de: int        # chunk of d_embed (idem)
     num_splits: int      # vocabulary ranges processed by separate programs
@@ -57,43 +85,110 @@ class KernelConfig:
         """d_embed fits one block: the output (or gradient) accumulator lives in registers."""
         return self.block_de >= self.d_embed
 
-
-def feature_block(n: int) -> int:
-    """Block for a feature dimension: the whole (padded) dimension if small, else CHUNK."""
-    padded = max(16, _pow2(n))  # tl.dot needs every dimension >= 16
-    return padded if padded <= MAX_REGISTER_DIM else CHUNK
+    def row_blocks(self, rows: int) -> int:
+        return _cdiv(rows, self.block_m)
 
 
-def choose_config(rows: int, vocab: int, d: int, d_embed: int, dtype: torch.dtype, num_sms: int,
-                  num_splits: int | None = None) -> KernelConfig:
-    """Pick the launch configuration for ``rows`` x ``vocab`` with feature sizes d, d_embed.
+@dataclasses.dataclass(frozen=True)
+class OpConfig:
+    """Every launch of the op for one (B, V, d, d_e, dtype): the forward pair, the backward choices."""
+    kind: str                      # "decode" (split-V) or "general" (row blocks only)
+    rows: int
+    vocab: int
+    d: int
+    d_embed: int
+    dtype: torch.dtype
+    batch_invariant: bool
+    row_group: int                 # rows per launch (all rows unless batch-invariant and large)
+    forward: KernelConfig          # _forward_partials_kernel, grid (row blocks, splits); then the combine
+    backward_hidden: KernelConfig  # _backward_hidden_kernel (dh only), grid (row blocks, splits)
+    backward_tiles: KernelConfig   # _backward_tiles_kernel, grid (splits,): every gradient of its tiles
+    fold_backward: bool            # weight gradients and dh from one recomputation (backward_tiles with dh)
 
-    ``num_splits`` overrides the split count (tests use it to exercise non-dividing splits); it is
-    clamped so that every split owns at least one tile.
+
+def _splits(tiles: int, row_blocks: int, num_sms: int, forced: int | None) -> tuple[int, int]:
+    """(num_splits, tiles_per_split) with no empty split."""
+    if forced is None:
+        wanted = _cdiv(PROGRAMS_PER_SM * num_sms, row_blocks)
+        forced = min(wanted, max(1, tiles // MIN_TILES_PER_SPLIT))
+    splits = max(1, min(forced, tiles, MAX_SPLITS))
+    per = _cdiv(tiles, splits)
+    return _cdiv(tiles, per), per
+
+
+def _kernel(d, de, block_m, block_v, tiles, row_blocks, num_sms, forced, num_warps, num_stages):
+    splits, per = _splits(tiles, row_blocks, num_sms, forced)
+    return KernelConfig(d=d, d_embed=de, block_m=block_m, block_v=block_v, block_d=feature_block(d),
+                        block_de=feature_block(de), num_splits=splits, tiles_per_split=per,
+                        num_warps=num_warps, num_stages=num_stages)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ValueError(f"the Triton kernels take float32, bfloat16 or float16, got {dtype}")
+    return names[dtype]
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_config(rows: int, vocab: int, d: int, d_embed: int, dtype: torch.dtype, num_sms: int, *,
+                  batch_invariant: bool = False, num_splits: int | None = None) -> OpConfig:
+    """Pick every launch for ``rows`` x ``vocab`` with feature sizes d, d_embed.
+
+    ``num_splits`` overrides the split count of every kernel (tests use it to exercise non-dividing
+    splits); it is clamped so that every split owns at least one tile. With ``batch_invariant`` the
+    kernel configurations depend on (V, d, d_e, dtype) only; ``rows`` then only sets ``row_group``.
     """
     if rows < 1 or vocab < 1 or d < 1 or d_embed < 1 or num_sms < 1:
         raise ValueError(f"choose_config needs positive sizes, got rows={rows} vocab={vocab} d={d} "
                          f"d_embed={d_embed} num_sms={num_sms}")
-    # fp32 operands double the shared-memory staging: 64-row fp32 blocks exceed an A100's 163 KiB.
-    block_m = 16 if rows <= 16 else 32 if dtype == torch.float32 else 64
+    dtype_name(dtype)  # rejects unsupported dtypes by name
+    fp32 = dtype == torch.float32
+    chunked = max(d, d_embed) > MAX_REGISTER_DIM
     # fp32 tiles are twice the bytes (and ieee dots twice the registers): halve the vocabulary tile.
-    block_v = 64 if dtype == torch.float32 else 128
-    # The weight-gradient kernel keeps fp32 [tile, d] accumulators for dW and dE: half the tile.
-    weights_block_v = block_v // 2
-    block_d, block_de = feature_block(d), feature_block(d_embed)
-    row_blocks = -(-rows // block_m)
-    tiles = -(-vocab // block_v)
-    if num_splits is None:
-        wanted = -(-PROGRAMS_PER_SM * num_sms // row_blocks)
-        num_splits = min(wanted, max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
-    num_splits = max(1, min(num_splits, tiles, MAX_SPLITS))
-    tiles_per_split = -(-tiles // num_splits)
-    num_splits = -(-tiles // tiles_per_split)  # no empty split
-    kind = "decode" if num_splits > 1 else "general"
-    return KernelConfig(kind=kind, d=d, d_embed=d_embed, block_m=block_m, block_v=block_v,
-                        weights_block_v=weights_block_v, block_d=block_d,
-                        block_de=block_de, num_splits=num_splits, tiles_per_split=tiles_per_split,
-                        num_warps=4 if block_m <= 32 else 8, num_stages=2)
+    block_v = 64 if fp32 else 128
+    # Rows per program: 16 (the smallest MMA) for decode-sized batches; for larger batches the biggest
+    # block whose logits tile and staging fit (fp32 operands double the shared-memory staging).
+    small = batch_invariant or rows <= 16
+    block_m = 16 if small else (32 if fp32 else 64)
+    warps = 4 if block_m <= 32 else 8
+    stages = 3 if chunked and not fp32 else 2
+    tiles = _cdiv(vocab, block_v)
+    # The vocabulary-tile kernel keeps fp32 [tile, d] accumulators for dW and dE (register mode):
+    # half the forward's tile. It loops over all row blocks itself, so its splits alone fill the GPU.
+    tiles_bv = block_v // 2
+    tiles_t = _cdiv(vocab, tiles_bv)
+
+    if batch_invariant:
+        # Split boundaries from V alone; rows launched in groups that keep the partials bounded.
+        forced = INVARIANT_SPLITS if num_splits is None else num_splits
+        forced = min(forced, max(1, tiles // MIN_TILES_PER_SPLIT))
+        row_bytes = forced * (max(d, d_embed) + 2) * 4
+        group_cap = max(block_m, WORKSPACE_BUDGET_BYTES // row_bytes // block_m * block_m)
+        row_group, fold_rows, sms, tiles_forced = min(rows, group_cap), group_cap, 1, forced
+    else:
+        forced, row_group, fold_rows, sms, tiles_forced = num_splits, rows, rows, num_sms, num_splits
+    row_blocks = _cdiv(row_group, block_m)
+    forward = _kernel(d, d_embed, block_m, block_v, tiles, row_blocks, sms, forced, warps, stages)
+    backward_hidden = forward
+
+    # Folding dh into the tile kernel needs [splits, rows, d] fp32 partials: only while they stay
+    # within the budget with at least a program per SM (or a split per tile); else separate kernels.
+    if tiles_forced is None:
+        cap = WORKSPACE_BUDGET_BYTES // (fold_rows * d * 4)
+        tiles_forced = min(PROGRAMS_PER_SM * num_sms, max(1, tiles_t // MIN_TILES_PER_SPLIT), cap)
+        fold = cap >= min(num_sms, tiles_t)
+    else:
+        fold = True
+    tiles_m = block_m
+    backward_tiles = _kernel(d, d_embed, tiles_m, tiles_bv, tiles_t, 1, sms, max(1, tiles_forced),
+                             4 if tiles_m <= 32 else 8, 2)
+    if not fold:  # dh from backward_hidden; the tile kernel needs no partials: one tile per program
+        backward_tiles = dataclasses.replace(backward_tiles, num_splits=tiles_t, tiles_per_split=1)
+    kind = "decode" if forward.num_splits > 1 else "general"
+    return OpConfig(kind=kind, rows=rows, vocab=vocab, d=d, d_embed=d_embed, dtype=dtype,
+                    batch_invariant=batch_invariant, row_group=row_group, forward=forward,
+                    backward_hidden=backward_hidden, backward_tiles=backward_tiles, fold_backward=fold)
 
 
 def num_sms(device: torch.device) -> int:
@@ -109,26 +204,3 @@ def _cuda_sm_count(index: int) -> int:
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNTS[index]
-
-
-class Workspace:
-    """Grow-only fp32 scratch per (device, purpose), so steady-state calls allocate nothing new.
-
-    Reused only within one call on the current stream (partials are consumed before the call
-    returns), which is what makes a captured CUDA graph of the K-step decode loop safe: capture after
-    one warm-up call so the buffer exists.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, device: torch.device, purpose: str, numel: int) -> torch.Tensor:
-        key = (device.type, device.index, purpose)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
-            self._buffers[key] = buf
-        return buf[:numel]
-
-
-WORKSPACE = Workspace()

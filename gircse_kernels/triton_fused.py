@@ -3,51 +3,65 @@
 Queries are hidden rows, keys are LM-head rows W_j, values are embedding rows E_j. Nothing of size
 [B, V] is ever written: logits exist one [BLOCK_M, BLOCK_V] tile at a time, in registers.
 
-Forward (two kernels)
-    ``_forward_partials_kernel``: grid (row blocks, vocabulary splits). Each program walks its
-    vocabulary range tile by tile with an online softmax and leaves a partial (running max m, running
-    sum l, unnormalized accumulator acc) in a small fp32 workspace [splits, B, *].
-    ``_combine_kernel``: merges the splits of each row exactly (``M = max m_s``,
-    ``out = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s``) and writes out and the logsumexp, the
-    only thing saved for backward. With many splits this is flash-decoding (see ``triton_config``).
+Kernels (tile shapes and split counts come from ``triton_config.choose_config``)
+    ``_forward_partials_kernel``  grid (row blocks, vocabulary splits): online softmax over the
+        split's tiles, a partial (max m, sum l, unnormalized accumulator) per (split, row).
+    ``_combine_kernel``           grid (rows, d_e blocks): merges the splits of a row exactly,
+        writes the fp32 output and the logsumexp (the only thing saved for backward).
+    ``_backward_hidden_kernel``   grid (row blocks, splits): dh partials per split (LoRA training:
+        W and E frozen, so this is the whole backward), summed over splits by the launcher.
+    ``_backward_tiles_kernel``    grid (splits,): each program owns whole vocabulary tiles and loops
+        over every row block, so dW, dE, db rows are written by one program (no atomics,
+        deterministic); with ``NEED_H`` it also emits the dh partials from the same recomputed
+        logits and dp ("folded": 5 GEMM-equivalents for the full backward instead of 7).
 
 Large d. When d (or d_e) fits one block of <= 128 (padded) the hidden rows, W tiles and the
-accumulator live in registers: the classic one-pass online softmax. Mistral's 4096 or Qwen's 3584
-do not fit: the logits are then accumulated over d in chunks of 64 (the hidden chunks are re-read
-from L1/L2 for every tile), and the [BLOCK_M, d_e] accumulator lives in the program's own slice of
-the fp32 workspace, read-rescaled-written chunk by chunk per tile. The slice is private to one
-program, so this needs no atomics and stays deterministic; its traffic (2 * BLOCK_M * d_e * 4 bytes
-per tile) hits L2, while HBM still sees each W / E tile once.
+accumulator live in registers: the classic one-pass online softmax. Real widths (576, 896, 3584,
+4096) do not fit: logits are accumulated over d in 64-wide chunks, and a [BLOCK_M, d_e] accumulator
+(forward) or [BLOCK_M, d] dh / [BLOCK_V, d] dW, dE (backward) lives in a program-private fp32 slice
+that is read, updated and written chunk by chunk per tile (``_rmw_product``). Only real rows touch
+the slice (masked rows move no bytes), so at decode sizes it is a few KiB per program and stays in
+L2; HBM sees each W / E tile once per call (row blocks of one split run side by side and share the
+tiles through L2; the tied value chunks re-read a tile that was just read).
 
-Backward (recomputation from the saved LSE, as in FlashAttention / Cut Cross-Entropy)
-    ``p = exp(z - lse)``, ``dp = dO E^T``, ``dz = p (dp - delta) * softcap' / T``, ``delta = <dO, O>``.
-    ``_backward_hidden_kernel``: grid (row blocks, splits) accumulates ``dh = dz W`` per split into
-    fp32 partials, summed over splits on the host side of the launch (a [splits, B, d] workspace).
-    ``_backward_weights_kernel``: grid (vocabulary tiles); each program owns its tile's rows of dW,
-    dE, db and loops over all row blocks, so weight gradients need no atomics and are bit-for-bit
-    deterministic. It is launched only when a weight or the bias requires grad. Both kernels use the
-    forward's tile shapes, so the recomputed logits match the forward's.
+Read-modify-write discipline (no lost updates): a slice is only ever touched by the one program
+that owns it, and every pass that stores to a slice another pass will reload ends with
+``tl.debug_barrier()`` (a CTA barrier: it orders the warps' global stores before any later load of
+the same addresses by another warp of the program; the compiler may give the load and the store
+different thread layouts). Register-resident accumulators are combined in registers and stored once
+(the tied dW + dE merge adds the two register tiles). The AOT gate (``triton_aot``) checks every
+compiled kernel that loads and stores one argument for a barrier.
 
-Tied weights (W is E): when d fits registers the tile loaded for the logits is reused as the value
-tile (one load per tile); for chunked d the value chunks of a tile that was just read come from L2.
-Gradient filtering (``grad_filter_eps > 0``): tiles whose probabilities are all below eps skip their
-gradient work; the bound is in ``gircse_kernels.grad_filter``.
+Masked vocabularies (-inf in the bias): the online softmax uses the FlashAttention safe max (while
+every logit seen is -inf it subtracts 0, so exp(-inf - -inf) never appears); empty splits carry
+(m = -inf, l = 0, acc = 0) and the combine skips them. A row whose every entry is -inf behaves
+exactly like ``torch.softmax`` of an all -inf row: output NaN, lse -inf, NaN gradients.
 
-Precision: fp32 accumulation everywhere; fp32 inputs use IEEE dots (no TF32). 16-bit inputs feed
-tensor cores with p / dz rounded to the input dtype, as FlashAttention does. The Triton interpreter
-miscomputes bf16 ``tl.dot``, so when interpreting (only) operands are upcast to fp32 (``UPCAST``).
+Strides: ``hidden`` and ``grad_out`` have a unit last stride; W and E take any 2-D strides (both
+are kernel arguments), e.g. a transposed view of a [d, V] matrix. Triton's JIT specializes a stride
+of 1 to a constant, so the row-major and the column-major layouts each get vectorized loads.
+
+Memory and streams: every buffer (partials, outputs) is allocated per call from PyTorch's caching
+allocator on the tensors' device, inside ``torch.cuda.device(hidden.device)``: stream-ordered, so
+two streams never share scratch, and under CUDA-graph capture the allocations come from the graph's
+private pool and stay valid for every replay. No host synchronization anywhere in the launch path.
+
+Precision: fp32 accumulation everywhere; fp32 inputs use three-pass TF32 dots (~fp32 accurate).
+16-bit inputs feed tensor cores with p / dz rounded to the input dtype, as FlashAttention does. The
+Triton interpreter miscomputes bf16 ``tl.dot``, so when interpreting (only) operands are upcast to
+fp32 (``UPCAST``; the AOT gate checks that compiled 16-bit kernels keep 16-bit dot operands).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_config import MAX_SPLITS, WORKSPACE, KernelConfig, choose_config, num_sms
-
-COMBINE_BLOCK_DE = 128
+from .triton_config import COMBINE_BLOCK_DE, COMBINE_BLOCK_S, KernelConfig, OpConfig, choose_config, num_sms
 
 
 def interpreting() -> bool:
@@ -76,40 +90,60 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_rows(ptr, rows, row_mask, stride, cols, col_mask):
-    """A [len(rows), len(cols)] block of a row-major matrix (unit last stride), zero outside."""
-    offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+def _load_tile(ptr, rows, row_mask, stride_r, cols, col_mask, stride_c):
+    """A [len(rows), len(cols)] block of a strided matrix (int64 offsets), zero outside the masks."""
+    offs = rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
     return tl.load(ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
 
 
 @triton.jit
-def _raw_logits_chunked(h_ptr, stride_h, w_ptr, stride_w, rows, row_mask, vocab_rows, vocab_mask, D,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                        UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """h W^T for one tile when d does not fit one block: accumulate over d in BLOCK_D chunks."""
-    s = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    for k in range(0, D, BLOCK_D):
-        dk = k + tl.arange(0, BLOCK_D)
-        d_mask = dk < D
-        h = _load_rows(h_ptr, rows, row_mask, stride_h, dk, d_mask)
-        w = _load_rows(w_ptr, vocab_rows, vocab_mask, stride_w, dk, d_mask)
-        s = _dot(h, tl.trans(w), s, UPCAST, IEEE)
-    return s
+def _rmw_product(out_ptr, out_rows, out_mask, a, prev_scale, accumulate, x_ptr, x_rows, x_mask, stride_xr,
+                 stride_xc, N, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``out[out_rows, :N] = (accumulate ? out * prev_scale : 0) + a @ x[x_rows, :N]`` in BLOCK_N chunks.
 
-
-@triton.jit
-def _add_product_chunked(out_ptr, out_rows, out_mask, a, x_ptr, x_rows, x_mask, stride_x, N,
-                         BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``out[out_rows, :N] += a @ x[x_rows, :N]`` in BLOCK_N-wide chunks: the fp32 rows of ``out``
-    (row-major, width N) are read, updated and written back by the one program that owns them."""
+    ``out`` is an fp32 row-major slice of width N owned by this program. Per chunk it reads the x
+    chunk (a W / E / hidden / dO block) and reads and writes the fp32 out chunk once. Ends with a
+    barrier: the next pass over the same rows may load them from other threads.
+    """
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        x = _load_rows(x_ptr, x_rows, x_mask, stride_x, cols, col_mask)
+        x = _load_tile(x_ptr, x_rows, x_mask, stride_xr, cols, col_mask, stride_xc)
         offs = out_rows.to(tl.int64)[:, None] * N + cols[None, :]
         mask = out_mask[:, None] & col_mask[None, :]
-        prev = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, _dot(a.to(x.dtype), x, prev, UPCAST, IEEE), mask=mask)
+        prev = tl.load(out_ptr + offs, mask=tl.where(accumulate, mask, False), other=0.0)
+        tl.store(out_ptr + offs, _dot(a.to(x.dtype), x, prev * prev_scale, UPCAST, IEEE), mask=mask)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fill_rows(out_ptr, out_rows, out_mask, N, value, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out[out_rows, :N] = value`` (fp32 row-major, width N), then a barrier (later passes reload it)."""
+    for c in range(0, N, BLOCK_N):
+        cols = c + tl.arange(0, BLOCK_N)
+        offs = out_rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out_ptr + offs, tl.full([BLOCK_M, BLOCK_N], value, tl.float32),
+                 mask=out_mask[:, None] & (cols < N)[None, :])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _raw_logits(h, w, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, rows, row_mask, vocab_rows, vocab_mask, D,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """h W^T for one [BLOCK_M, BLOCK_V] tile: from the register tiles ``h``, ``w`` when d fits one
+    block, else over d in BLOCK_D chunks (reads the tile's W rows once, the hidden chunks from L1/L2)."""
+    s = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    if SINGLE_D:
+        s = _dot(h, tl.trans(w), s, UPCAST, IEEE)
+    else:
+        for k in range(0, D, BLOCK_D):
+            dk = k + tl.arange(0, BLOCK_D)
+            d_mask = dk < D
+            hk = _load_tile(h_ptr, rows, row_mask, stride_h, dk, d_mask, 1)
+            wk = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, dk, d_mask, stride_wd)
+            s = _dot(hk, tl.trans(wk), s, UPCAST, IEEE)
+    return s
 
 
 @triton.jit
@@ -125,13 +159,38 @@ def _finish_logits(s, b_ptr, vocab_rows, vocab_mask, inv_temperature, softcap,
 
 
 @triton.jit
-def _raw_logit_grad(p, dp, delta, z, vocab_mask, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
-    """d loss / d raw logit (before temperature and softcap) from p, dp = dO E^T and delta."""
+def _probs_and_grad(h, w, values, g, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, e_ptr, stride_ev, stride_ed,
+                    b_ptr, g_ptr, stride_g, lse, delta, rows, row_mask, vocab_rows, vocab_mask, D, DE,
+                    inv_temperature, softcap,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr,
+                    SINGLE_D: tl.constexpr, ACC_IN_REGS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Recompute p = exp(z - lse) for one (row block, vocabulary tile) and the raw-logit gradient.
+
+    ``h``/``w`` are register tiles when SINGLE_D; ``values`` (the E tile) and ``g`` (the dO block)
+    are register tiles when ACC_IN_REGS, else dO and E are read chunk by chunk. A row with lse = -inf
+    (fully masked) gets NaN probabilities, like the reference.
+    """
+    s = _raw_logits(h, w, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, rows, row_mask, vocab_rows, vocab_mask,
+                    D, BLOCK_M, BLOCK_V, BLOCK_D, SINGLE_D, UPCAST, IEEE)
+    z = _finish_logits(s, b_ptr, vocab_rows, vocab_mask, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+    p = tl.exp(z - lse[:, None])
+    p = tl.where(row_mask[:, None], p, 0.0)
+    dp = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    if ACC_IN_REGS:
+        dp = _dot(g, tl.trans(values), dp, UPCAST, IEEE)
+    else:
+        for c in range(0, DE, BLOCK_DE):
+            de = c + tl.arange(0, BLOCK_DE)
+            de_mask = de < DE
+            g_chunk = _load_tile(g_ptr, rows, row_mask, stride_g, de, de_mask, 1)
+            e_chunk = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de, de_mask, stride_ed)
+            dp = _dot(g_chunk, tl.trans(e_chunk), dp, UPCAST, IEEE)
     dz = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         t = tl.where(vocab_mask[None, :], z, 0.0) / softcap  # z = c tanh(.): tanh' = 1 - (z / c)^2
         dz = dz * (1.0 - t * t)
-    return dz * inv_temperature
+    return p, dz * inv_temperature
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,12 +199,18 @@ def _raw_logit_grad(p, dp, delta, z, vocab_mask, inv_temperature, softcap, HAS_S
 @triton.jit
 def _forward_partials_kernel(
     h_ptr, w_ptr, e_ptr, b_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    B, V, D, DE, stride_h, stride_w, stride_e, tiles_per_split,
+    B, V, D, DE, stride_h, stride_wv, stride_wd, stride_ev, stride_ed, tiles_per_split,
     inv_temperature, softcap,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr,
     SINGLE_D: tl.constexpr, ACC_IN_REGS: tl.constexpr, TIED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Online softmax of rows [pid_m * BLOCK_M, +BLOCK_M) over the split's vocabulary tiles.
+
+    Per tile it reads W[tile] (BLOCK_V x d) and E[tile] (BLOCK_V x d_e) once -- the bytes the op
+    cannot avoid -- plus, when d_e is chunked, the real rows' fp32 accumulator slice (read and write,
+    ``4 * 2 * rows * d_e`` bytes, L2-resident). Writes (m, l, acc) of its rows once at the end.
+    """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,9 +219,10 @@ def _forward_partials_kernel(
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
     d_all = tl.arange(0, BLOCK_D)
     de_all = tl.arange(0, BLOCK_DE)
+    h = tl.zeros([BLOCK_M, BLOCK_D], dtype=h_ptr.dtype.element_ty)
     if SINGLE_D:  # the query rows stay in registers for the whole walk
-        h = _load_rows(h_ptr, rows, row_mask, stride_h, d_all, d_all < D)
-    # This program's private slice of the partial accumulator: [BLOCK_M rows, DE].
+        h = _load_tile(h_ptr, rows, row_mask, stride_h, d_all, d_all < D, 1)
+    # This program's private slice of the partials: rows (split * B + rows) of [splits * B, *].
     ws_rows = (split * B + rows).to(tl.int64)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -165,36 +231,30 @@ def _forward_partials_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         vocab_rows = v0 + tl.arange(0, BLOCK_V)
         vocab_mask = vocab_rows < v_end
+        w = tl.zeros([BLOCK_V, BLOCK_D], dtype=w_ptr.dtype.element_ty)
         if SINGLE_D:
-            w = _load_rows(w_ptr, vocab_rows, vocab_mask, stride_w, d_all, d_all < D)
-            s = _dot(h, tl.trans(w), tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32), UPCAST, IEEE)
-        else:
-            s = _raw_logits_chunked(h_ptr, stride_h, w_ptr, stride_w, rows, row_mask, vocab_rows, vocab_mask,
-                                    D, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST, IEEE)
+            w = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, d_all, d_all < D, stride_wd)
+        s = _raw_logits(h, w, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, rows, row_mask, vocab_rows,
+                        vocab_mask, D, BLOCK_M, BLOCK_V, BLOCK_D, SINGLE_D, UPCAST, IEEE)
         z = _finish_logits(s, b_ptr, vocab_rows, vocab_mask, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
 
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf, m_new finite)
-        p = tl.exp(z - m_new[:, None])
+        # Safe max: while every logit so far is -inf (masked), subtract 0, never -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)  # 0 while nothing was seen (m_i = -inf)
+        p = tl.exp(z - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         if ACC_IN_REGS:
             if TIED and SINGLE_D:
                 values = w  # tied: the W tile already in registers is the value tile
             else:
-                values = _load_rows(e_ptr, vocab_rows, vocab_mask, stride_e, de_all, de_all < DE)
+                values = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de_all, de_all < DE, stride_ed)
             acc = _dot(p.to(values.dtype), values, acc * alpha[:, None], UPCAST, IEEE)
         else:
-            carried = v0 > v_begin  # the first tile starts the accumulator (workspace holds garbage)
-            for c in range(0, DE, BLOCK_DE):
-                de = c + de_all
-                de_mask = de < DE
-                values = _load_rows(e_ptr, vocab_rows, vocab_mask, stride_e, de, de_mask)
-                offs = ws_rows[:, None] * DE + de[None, :]
-                ws_mask = row_mask[:, None] & de_mask[None, :]
-                prev = tl.where(carried, tl.load(part_acc_ptr + offs, mask=ws_mask, other=0.0), 0.0)
-                part = _dot(p.to(values.dtype), values, prev * alpha[:, None], UPCAST, IEEE)
-                tl.store(part_acc_ptr + offs, part, mask=ws_mask)
+            # The first tile starts the slice (the buffer holds garbage); later ones rescale and add.
+            _rmw_product(part_acc_ptr, ws_rows, row_mask, p, alpha[:, None], v0 > v_begin, e_ptr, vocab_rows,
+                         vocab_mask, stride_ev, stride_ed, DE, BLOCK_DE, UPCAST, IEEE)
 
     if ACC_IN_REGS:
         offs = ws_rows[:, None] * DE + de_all[None, :]
@@ -206,22 +266,33 @@ def _forward_partials_kernel(
 @triton.jit
 def _combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, lse_ptr, B, DE, S,
                     BLOCK_S: tl.constexpr, BLOCK_DE: tl.constexpr):
-    """Merge the S vocabulary splits of one row: exact rescaling by each split's max."""
+    """Merge the S splits of one row for BLOCK_DE output columns: exact rescaling by each split's max.
+
+    Reads [BLOCK_S, BLOCK_DE] blocks of the partials (vectorized) and skips splits with nothing
+    unmasked (m = -inf). A fully masked row ends with l = 0: out = 0 / 0 = NaN, lse = -inf.
+    """
     row = tl.program_id(0)
     pid_de = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    s_mask = splits < S
-    m = tl.load(part_max_ptr + splits * B + row, mask=s_mask, other=float("-inf"))
-    l = tl.load(part_sum_ptr + splits * B + row, mask=s_mask, other=0.0)
-    m_all = tl.max(m, axis=0)
-    l_all = tl.sum(l * tl.exp(m - m_all), axis=0)  # padding splits contribute exp(-inf) = 0
     de = pid_de * BLOCK_DE + tl.arange(0, BLOCK_DE)
     de_mask = de < DE
+    m_all = float("-inf")
+    for s0 in range(0, S, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(part_max_ptr + splits * B + row, mask=splits < S, other=float("-inf"))
+        m_all = tl.maximum(m_all, tl.max(m, axis=0))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = 0.0
     out = tl.zeros([BLOCK_DE], dtype=tl.float32)
-    for s in range(0, S):
-        scale = tl.exp(tl.load(part_max_ptr + s * B + row) - m_all)
-        ws_row = (s * B + row).to(tl.int64)
-        out += scale * tl.load(part_acc_ptr + ws_row * DE + de, mask=de_mask, other=0.0)
+    for s0 in range(0, S, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(part_max_ptr + splits * B + row, mask=splits < S, other=float("-inf"))
+        live = m > float("-inf")  # empty and padding splits: no load, weight 0
+        scale = tl.where(live, tl.exp(m - m_safe), 0.0)
+        l_all += tl.sum(tl.load(part_sum_ptr + splits * B + row, mask=live, other=0.0) * scale, axis=0)
+        ws_rows = (splits * B + row).to(tl.int64)
+        acc = tl.load(part_acc_ptr + ws_rows[:, None] * DE + de[None, :], mask=live[:, None] & de_mask[None, :],
+                      other=0.0)
+        out += tl.sum(acc * scale[:, None], axis=0)
     tl.store(out_ptr + row.to(tl.int64) * DE + de, out / l_all, mask=de_mask)
     if pid_de == 0:
         tl.store(lse_ptr + row, m_all + tl.log(l_all))
@@ -231,54 +302,22 @@ def _combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, lse_ptr, 
 # Backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_probs_and_grad(h, w, h_ptr, stride_h, w_ptr, stride_w, e_ptr, stride_e, b_ptr, g, g_ptr, stride_g,
-                         lse, delta, rows, row_mask, vocab_rows, vocab_mask, D, DE, inv_temperature, softcap,
-                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_DE: tl.constexpr, SINGLE_D: tl.constexpr, ACC_IN_REGS: tl.constexpr,
-                         TIED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """Recompute p for one (row block, vocabulary tile) and the raw-logit gradient dz.
-
-    ``h``/``w`` are the register tiles when SINGLE_D (else ignored); ``g`` is the dO block when
-    ACC_IN_REGS (else dO is read chunk by chunk).
-    """
-    if SINGLE_D:
-        s = _dot(h, tl.trans(w), tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32), UPCAST, IEEE)
-    else:
-        s = _raw_logits_chunked(h_ptr, stride_h, w_ptr, stride_w, rows, row_mask, vocab_rows, vocab_mask,
-                                D, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST, IEEE)
-    z = _finish_logits(s, b_ptr, vocab_rows, vocab_mask, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
-    p = tl.exp(z - lse[:, None])
-    p = tl.where(row_mask[:, None], p, 0.0)
-    de_all = tl.arange(0, BLOCK_DE)
-    if ACC_IN_REGS:
-        if TIED and SINGLE_D:
-            values = w
-        else:
-            values = _load_rows(e_ptr, vocab_rows, vocab_mask, stride_e, de_all, de_all < DE)
-        dp = _dot(g, tl.trans(values), tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32), UPCAST, IEEE)
-    else:
-        dp = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-        for c in range(0, DE, BLOCK_DE):
-            de = c + de_all
-            de_mask = de < DE
-            g_chunk = _load_rows(g_ptr, rows, row_mask, stride_g, de, de_mask)
-            values = _load_rows(e_ptr, vocab_rows, vocab_mask, stride_e, de, de_mask)
-            dp = _dot(g_chunk, tl.trans(values), dp, UPCAST, IEEE)
-    dz = _raw_logit_grad(p, dp, delta, z, vocab_mask, inv_temperature, softcap, HAS_SOFTCAP)
-    return p, dz
-
-
-@triton.jit
 def _backward_hidden_kernel(
     h_ptr, w_ptr, e_ptr, b_ptr, g_ptr, lse_ptr, delta_ptr, part_dh_ptr,
-    B, V, D, DE, stride_h, stride_w, stride_e, stride_g, tiles_per_split,
+    B, V, D, DE, stride_h, stride_wv, stride_wd, stride_ev, stride_ed, stride_g, tiles_per_split,
     inv_temperature, softcap, filter_eps,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr,
     SINGLE_D: tl.constexpr, ACC_IN_REGS: tl.constexpr, TIED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """dh partial of rows [pid_m * BLOCK_M, +BLOCK_M) over the split's tiles: dh += dz W[tile].
+
+    Per tile: W[tile] for the logits, E[tile] for dp = dO E^T, W[tile] again for dz W (from
+    registers when d fits, else the chunks just read, from L2); with chunked d the real rows' fp32
+    dh slice is read and written once (L2-resident). Writes its [rows, d] partial once (registers)
+    or leaves it in the slice.
+    """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -292,27 +331,30 @@ def _backward_hidden_kernel(
     h = tl.zeros([BLOCK_M, BLOCK_D], dtype=h_ptr.dtype.element_ty)
     g = tl.zeros([BLOCK_M, BLOCK_DE], dtype=g_ptr.dtype.element_ty)
     if SINGLE_D:
-        h = _load_rows(h_ptr, rows, row_mask, stride_h, d_all, d_all < D)
+        h = _load_tile(h_ptr, rows, row_mask, stride_h, d_all, d_all < D, 1)
     if ACC_IN_REGS:
-        g = _load_rows(g_ptr, rows, row_mask, stride_g, de_all, de_all < DE)
+        g = _load_tile(g_ptr, rows, row_mask, stride_g, de_all, de_all < DE, 1)
     ws_rows = (split * B + rows).to(tl.int64)
     dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if not SINGLE_D:  # the partial dh lives in the workspace: start it at zero
-        for k in range(0, D, BLOCK_D):
-            dk = k + d_all
-            tl.store(part_dh_ptr + ws_rows[:, None] * D + dk[None, :], dh,
-                     mask=row_mask[:, None] & (dk < D)[None, :])
+    if not SINGLE_D:  # the partial lives in the slice: start it at zero (tiles may be filtered out)
+        _fill_rows(part_dh_ptr, ws_rows, row_mask, D, 0.0, BLOCK_M, BLOCK_D)
 
     for v0 in range(v_begin, v_end, BLOCK_V):
         vocab_rows = v0 + tl.arange(0, BLOCK_V)
         vocab_mask = vocab_rows < v_end
         w = tl.zeros([BLOCK_V, BLOCK_D], dtype=w_ptr.dtype.element_ty)
+        values = tl.zeros([BLOCK_V, BLOCK_DE], dtype=e_ptr.dtype.element_ty)
         if SINGLE_D:
-            w = _load_rows(w_ptr, vocab_rows, vocab_mask, stride_w, d_all, d_all < D)
-        p, dz = _tile_probs_and_grad(
-            h, w, h_ptr, stride_h, w_ptr, stride_w, e_ptr, stride_e, b_ptr, g, g_ptr, stride_g, lse, delta,
-            rows, row_mask, vocab_rows, vocab_mask, D, DE, inv_temperature, softcap,
-            BLOCK_M, BLOCK_V, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS, TIED, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE)
+            w = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, d_all, d_all < D, stride_wd)
+        if ACC_IN_REGS:
+            if TIED and SINGLE_D:
+                values = w
+            else:
+                values = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de_all, de_all < DE, stride_ed)
+        p, dz = _probs_and_grad(
+            h, w, values, g, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, e_ptr, stride_ev, stride_ed, b_ptr,
+            g_ptr, stride_g, lse, delta, rows, row_mask, vocab_rows, vocab_mask, D, DE, inv_temperature, softcap,
+            BLOCK_M, BLOCK_V, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE)
         keep = True
         if FILTER:
             keep = tl.max(tl.max(p, axis=1), axis=0) >= filter_eps
@@ -320,186 +362,321 @@ def _backward_hidden_kernel(
             if SINGLE_D:
                 dh = _dot(dz.to(w.dtype), w, dh, UPCAST, IEEE)
             else:
-                _add_product_chunked(part_dh_ptr, ws_rows, row_mask, dz, w_ptr, vocab_rows, vocab_mask, stride_w,
-                                     D, BLOCK_D, UPCAST, IEEE)
+                _rmw_product(part_dh_ptr, ws_rows, row_mask, dz, 1.0, True, w_ptr, vocab_rows, vocab_mask,
+                             stride_wv, stride_wd, D, BLOCK_D, UPCAST, IEEE)
     if SINGLE_D:
         tl.store(part_dh_ptr + ws_rows[:, None] * D + d_all[None, :], dh,
                  mask=row_mask[:, None] & (d_all < D)[None, :])
 
 
 @triton.jit
-def _backward_weights_kernel(
-    h_ptr, w_ptr, e_ptr, b_ptr, g_ptr, lse_ptr, delta_ptr, dw_ptr, de_ptr, db_ptr,
-    B, V, D, DE, stride_h, stride_w, stride_e, stride_g,
+def _backward_tiles_kernel(
+    h_ptr, w_ptr, e_ptr, b_ptr, g_ptr, lse_ptr, delta_ptr, part_dh_ptr, dw_ptr, de_ptr, db_ptr,
+    B, V, D, DE, stride_h, stride_wv, stride_wd, stride_ev, stride_ed, stride_g, tiles_per_split,
     inv_temperature, softcap, filter_eps,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr,
     SINGLE_D: tl.constexpr, ACC_IN_REGS: tl.constexpr, TIED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
-    NEED_W: tl.constexpr, NEED_E: tl.constexpr, NEED_B: tl.constexpr, MERGE: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_E: tl.constexpr, NEED_B: tl.constexpr,
+    MERGE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One program per vocabulary tile: it alone writes that tile's rows of dW, dE (fp32) and db.
+    """Every gradient of the split's vocabulary tiles from one recomputation of p and dz.
 
-    In registers-mode the tile's gradients accumulate in registers over all row blocks; otherwise
-    directly in the fp32 gradient rows (zero-initialized by the launcher), chunk by chunk. With MERGE
-    (one tensor passed as both W and E) dE is added onto dW's rows (``de_ptr`` is ``dw_ptr``).
+    The program owns tiles [split * tiles_per_split, +tiles_per_split) and, per tile, loops over all
+    row blocks: it alone writes that tile's rows of dW, dE (MERGE: their sum, one tensor passed as
+    both weights) and db, so weight gradients need no atomics and are bit-for-bit deterministic.
+    With NEED_H it also adds dz W[tile] into its [B, d] dh partial (summed over splits by the
+    launcher). Per tile: W[tile] and E[tile] once from HBM (kept in registers when d, d_e fit, else
+    re-read chunk-wise from L1/L2 per row block); dW / dE tiles accumulate in registers and are stored
+    once in the output dtype, or -- chunked -- in the fp32 output rows, read and written per row block.
     """
-    pid_v = tl.program_id(0)
-    vocab_rows = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    vocab_mask = vocab_rows < V
+    split = tl.program_id(0)
+    num_tiles = tl.cdiv(V, BLOCK_V)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(num_tiles, t_begin + tiles_per_split)
     d_all = tl.arange(0, BLOCK_D)
     de_all = tl.arange(0, BLOCK_DE)
-    w = tl.zeros([BLOCK_V, BLOCK_D], dtype=w_ptr.dtype.element_ty)
-    if SINGLE_D:
-        w = _load_rows(w_ptr, vocab_rows, vocab_mask, stride_w, d_all, d_all < D)
-    dw = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
-    dem = tl.zeros([BLOCK_V, BLOCK_DE], dtype=tl.float32)
-    db = tl.zeros([BLOCK_V], dtype=tl.float32)
-    v_rows64 = vocab_rows.to(tl.int64)
+    if NEED_H:  # this split's dh partial starts at zero
+        for m0 in range(0, B, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            _fill_rows(part_dh_ptr, (split * B + rows).to(tl.int64), rows < B, D, 0.0, BLOCK_M, BLOCK_D)
 
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < B
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
-        h = tl.zeros([BLOCK_M, BLOCK_D], dtype=h_ptr.dtype.element_ty)
-        g = tl.zeros([BLOCK_M, BLOCK_DE], dtype=g_ptr.dtype.element_ty)
+    for t in range(t_begin, t_end):
+        vocab_rows = t * BLOCK_V + tl.arange(0, BLOCK_V)
+        vocab_mask = vocab_rows < V
+        v_rows64 = vocab_rows.to(tl.int64)
+        w = tl.zeros([BLOCK_V, BLOCK_D], dtype=w_ptr.dtype.element_ty)
+        values = tl.zeros([BLOCK_V, BLOCK_DE], dtype=e_ptr.dtype.element_ty)
         if SINGLE_D:
-            h = _load_rows(h_ptr, rows, row_mask, stride_h, d_all, d_all < D)
+            w = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, d_all, d_all < D, stride_wd)
         if ACC_IN_REGS:
-            g = _load_rows(g_ptr, rows, row_mask, stride_g, de_all, de_all < DE)
-        p, dz = _tile_probs_and_grad(
-            h, w, h_ptr, stride_h, w_ptr, stride_w, e_ptr, stride_e, b_ptr, g, g_ptr, stride_g, lse, delta,
-            rows, row_mask, vocab_rows, vocab_mask, D, DE, inv_temperature, softcap,
-            BLOCK_M, BLOCK_V, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS, TIED, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE)
-        keep = True
-        if FILTER:
-            keep = tl.max(tl.max(p, axis=1), axis=0) >= filter_eps
-        if keep:
-            if NEED_B:
-                db += tl.sum(dz, axis=0)
-            if NEED_W:
-                dz_t = tl.trans(dz.to(h_ptr.dtype.element_ty))
-                if SINGLE_D:
-                    dw = _dot(dz_t, h, dw, UPCAST, IEEE)
-                else:
-                    _add_product_chunked(dw_ptr, vocab_rows, vocab_mask, dz_t, h_ptr, rows, row_mask, stride_h,
-                                         D, BLOCK_D, UPCAST, IEEE)
-            if NEED_E:
-                p_t = tl.trans(p.to(g_ptr.dtype.element_ty))
-                if ACC_IN_REGS:
-                    dem = _dot(p_t, g, dem, UPCAST, IEEE)
-                else:
-                    _add_product_chunked(de_ptr, vocab_rows, vocab_mask, p_t, g_ptr, rows, row_mask, stride_g,
-                                         DE, BLOCK_DE, UPCAST, IEEE)
+            if TIED and SINGLE_D:
+                values = w
+            else:
+                values = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de_all, de_all < DE, stride_ed)
+        dw = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
+        dem = tl.zeros([BLOCK_V, BLOCK_DE], dtype=tl.float32)
+        db = tl.zeros([BLOCK_V], dtype=tl.float32)
+        started = 0  # chunked dW / dE rows: the first kept row block stores, later ones accumulate
+        for m0 in range(0, B, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < B
+            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+            delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
+            h = tl.zeros([BLOCK_M, BLOCK_D], dtype=h_ptr.dtype.element_ty)
+            g = tl.zeros([BLOCK_M, BLOCK_DE], dtype=g_ptr.dtype.element_ty)
+            if SINGLE_D:
+                h = _load_tile(h_ptr, rows, row_mask, stride_h, d_all, d_all < D, 1)
+            if ACC_IN_REGS:
+                g = _load_tile(g_ptr, rows, row_mask, stride_g, de_all, de_all < DE, 1)
+            p, dz = _probs_and_grad(
+                h, w, values, g, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, e_ptr, stride_ev, stride_ed, b_ptr,
+                g_ptr, stride_g, lse, delta, rows, row_mask, vocab_rows, vocab_mask, D, DE, inv_temperature,
+                softcap, BLOCK_M, BLOCK_V, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS, HAS_BIAS, HAS_SOFTCAP,
+                UPCAST, IEEE)
+            keep = True
+            if FILTER:
+                keep = tl.max(tl.max(p, axis=1), axis=0) >= filter_eps
+            if keep:
+                if NEED_B:
+                    db += tl.sum(dz, axis=0)
+                if NEED_H:
+                    dh_rows = (split * B + rows).to(tl.int64)
+                    if SINGLE_D:
+                        offs = dh_rows[:, None] * D + d_all[None, :]
+                        dh_mask = row_mask[:, None] & (d_all < D)[None, :]
+                        prev = tl.load(part_dh_ptr + offs, mask=dh_mask, other=0.0)
+                        tl.store(part_dh_ptr + offs, _dot(dz.to(w.dtype), w, prev, UPCAST, IEEE), mask=dh_mask)
+                        tl.debug_barrier()  # the next tile reloads these rows
+                    else:
+                        _rmw_product(part_dh_ptr, dh_rows, row_mask, dz, 1.0, True, w_ptr, vocab_rows, vocab_mask,
+                                     stride_wv, stride_wd, D, BLOCK_D, UPCAST, IEEE)
+                if NEED_W:
+                    dz_t = tl.trans(dz.to(h_ptr.dtype.element_ty))
+                    if SINGLE_D:
+                        dw = _dot(dz_t, h, dw, UPCAST, IEEE)
+                    else:
+                        _rmw_product(dw_ptr, v_rows64, vocab_mask, dz_t, 1.0, started > 0, h_ptr, rows, row_mask,
+                                     stride_h, 1, D, BLOCK_D, UPCAST, IEEE)
+                if NEED_E:
+                    p_t = tl.trans(p.to(g_ptr.dtype.element_ty))
+                    if ACC_IN_REGS:
+                        dem = _dot(p_t, g, dem, UPCAST, IEEE)
+                    else:  # MERGE: de_ptr is dw_ptr, just written by the pass above: add onto it
+                        _rmw_product(de_ptr, v_rows64, vocab_mask, p_t, 1.0, (started + MERGE) > 0, g_ptr, rows,
+                                     row_mask, stride_g, 1, DE, BLOCK_DE, UPCAST, IEEE)
+                started = 1
 
-    if NEED_W and SINGLE_D:
-        tl.store(dw_ptr + v_rows64[:, None] * D + d_all[None, :], dw, mask=vocab_mask[:, None] & (d_all < D)[None, :])
-    if NEED_E and ACC_IN_REGS:
-        offs = v_rows64[:, None] * DE + de_all[None, :]
-        mask = vocab_mask[:, None] & (de_all < DE)[None, :]
-        if MERGE:  # dW's rows were just written by this program: add dE onto them
-            dem += tl.load(de_ptr + offs, mask=mask, other=0.0)
-        tl.store(de_ptr + offs, dem, mask=mask)
-    if NEED_B:
-        tl.store(db_ptr + vocab_rows, db, mask=vocab_mask)
+        if SINGLE_D:
+            w_offs = v_rows64[:, None] * D + d_all[None, :]
+            w_mask = vocab_mask[:, None] & (d_all < D)[None, :]
+            if MERGE:  # one tensor was passed as both weights: its gradient is dW + dE, summed in registers
+                tl.store(dw_ptr + w_offs, (dw + dem).to(dw_ptr.dtype.element_ty), mask=w_mask)
+            elif NEED_W:
+                tl.store(dw_ptr + w_offs, dw.to(dw_ptr.dtype.element_ty), mask=w_mask)
+        elif NEED_W:
+            if started == 0:  # every row block was filtered out: the rows are zero
+                _fill_rows(dw_ptr, v_rows64, vocab_mask, D, 0.0, BLOCK_V, BLOCK_D)
+        if ACC_IN_REGS:
+            if NEED_E and not MERGE:
+                tl.store(de_ptr + v_rows64[:, None] * DE + de_all[None, :], dem.to(de_ptr.dtype.element_ty),
+                         mask=vocab_mask[:, None] & (de_all < DE)[None, :])
+        elif NEED_E and not MERGE:
+            if started == 0:
+                _fill_rows(de_ptr, v_rows64, vocab_mask, DE, 0.0, BLOCK_V, BLOCK_DE)
+        if NEED_B:
+            tl.store(db_ptr + vocab_rows, db.to(db_ptr.dtype.element_ty), mask=vocab_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans: the launchers run them, the AOT gate compiles exactly them
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: runtime arguments in the kernel's parameter order, constexprs, options."""
+    name: str
+    kernel: object
+    grid: tuple
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _tile_flags(kc: KernelConfig, dtype, tied, has_bias, has_softcap, upcast) -> dict:
+    return dict(
+        BLOCK_M=kc.block_m, BLOCK_V=kc.block_v, BLOCK_D=kc.block_d, BLOCK_DE=kc.block_de,
+        SINGLE_D=kc.single_d, ACC_IN_REGS=kc.acc_in_registers,
+        # Tile reuse needs the value tile to be the W tile exactly: same matrix, same width.
+        TIED=bool(tied) and kc.d == kc.d_embed,
+        HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, UPCAST=upcast, IEEE=dtype == torch.float32,
+    )
+
+
+def _weights_args(hidden, lm_head_weight, embed_weight):
+    return dict(B=hidden.shape[0], V=lm_head_weight.shape[0], D=lm_head_weight.shape[1], DE=embed_weight.shape[1],
+                stride_h=hidden.stride(0), stride_wv=lm_head_weight.stride(0), stride_wd=lm_head_weight.stride(1),
+                stride_ev=embed_weight.stride(0), stride_ed=embed_weight.stride(1))
+
+
+def forward_plan(cfg: OpConfig, hidden, lm_head_weight, embed_weight, lm_head_bias, out32, lse, *,
+                 temperature, softcap, tied, upcast) -> list[Launch]:
+    """The forward's two launches for ``hidden`` (one row group), writing ``out32`` and ``lse``."""
+    kc = cfg.forward
+    rows, de = hidden.shape[0], embed_weight.shape[1]
+    splits = kc.num_splits
+    part_acc = torch.empty(splits * rows, de, dtype=torch.float32, device=hidden.device)
+    part_ml = torch.empty(2, splits * rows, dtype=torch.float32, device=hidden.device)
+    bias = lm_head_bias if lm_head_bias is not None else hidden  # never read (HAS_BIAS=False)
+    partials = Launch(
+        "forward_partials", _forward_partials_kernel, (kc.row_blocks(rows), splits),
+        dict(h_ptr=hidden, w_ptr=lm_head_weight, e_ptr=embed_weight, b_ptr=bias, part_acc_ptr=part_acc,
+             part_max_ptr=part_ml[0], part_sum_ptr=part_ml[1],
+             **_weights_args(hidden, lm_head_weight, embed_weight), tiles_per_split=kc.tiles_per_split,
+             inv_temperature=1.0 / temperature, softcap=1.0 if softcap is None else softcap),
+        _tile_flags(kc, hidden.dtype, tied, lm_head_bias is not None, softcap is not None, upcast),
+        kc.num_warps, kc.num_stages)
+    combine = Launch(
+        "combine", _combine_kernel, (rows, triton.cdiv(de, COMBINE_BLOCK_DE)),
+        dict(part_acc_ptr=part_acc, part_max_ptr=part_ml[0], part_sum_ptr=part_ml[1], out_ptr=out32, lse_ptr=lse,
+             B=rows, DE=de, S=splits),
+        dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_DE=COMBINE_BLOCK_DE), 4, 2)
+    return [partials, combine]
+
+
+def backward_hidden_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta,
+                         *, temperature, softcap, tied, grad_filter_eps, upcast) -> tuple[Launch, torch.Tensor]:
+    """The dh launch for one row group and its [splits, rows, d] fp32 partials."""
+    kc = cfg.backward_hidden
+    rows, d = hidden.shape
+    part_dh = torch.empty(kc.num_splits, rows, d, dtype=torch.float32, device=hidden.device)
+    bias = lm_head_bias if lm_head_bias is not None else hidden
+    launch = Launch(
+        "backward_hidden", _backward_hidden_kernel, (kc.row_blocks(rows), kc.num_splits),
+        dict(h_ptr=hidden, w_ptr=lm_head_weight, e_ptr=embed_weight, b_ptr=bias, g_ptr=grad_out, lse_ptr=lse,
+             delta_ptr=delta, part_dh_ptr=part_dh, **_weights_args(hidden, lm_head_weight, embed_weight),
+             stride_g=grad_out.stride(0), tiles_per_split=kc.tiles_per_split, inv_temperature=1.0 / temperature,
+             softcap=1.0 if softcap is None else softcap, filter_eps=float(grad_filter_eps)),
+        {**_tile_flags(kc, hidden.dtype, tied, lm_head_bias is not None, softcap is not None, upcast),
+         "FILTER": grad_filter_eps > 0},
+        kc.num_warps, kc.num_stages)
+    return launch, part_dh
+
+
+def backward_tiles_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, *,
+                        temperature, softcap, tied, need_hidden, need_weight, need_embed, need_bias,
+                        merge_tied_grads, grad_filter_eps, upcast) -> tuple[Launch, dict]:
+    """The vocabulary-tile launch (weight gradients, and dh when ``need_hidden``) and its buffers.
+
+    dW / dE come out in the weights' dtype when the tile accumulators live in registers (stored once),
+    else as fp32 rows accumulated per row block (the caller casts them).
+    """
+    kc = cfg.backward_tiles
+    rows, d = hidden.shape
+    vocab, de = embed_weight.shape
+    dev = hidden.device
+    regs_w, regs_e = kc.single_d, kc.acc_in_registers
+    merge = bool(merge_tied_grads)
+    bufs = {}
+    if need_hidden:
+        bufs["part_dh"] = torch.empty(kc.num_splits, rows, d, dtype=torch.float32, device=dev)
+    if need_weight or merge:
+        bufs["dw"] = torch.empty(vocab, d, dtype=lm_head_weight.dtype if regs_w else torch.float32, device=dev)
+    if need_embed and not merge:
+        bufs["de"] = torch.empty(vocab, de, dtype=embed_weight.dtype if regs_e else torch.float32, device=dev)
+    if need_bias:
+        bufs["db"] = torch.empty(vocab, dtype=lm_head_bias.dtype, device=dev)
+    dummy = lse  # never touched: the matching NEED_* flag is off
+    bias = lm_head_bias if lm_head_bias is not None else hidden
+    launch = Launch(
+        "backward_tiles", _backward_tiles_kernel, (kc.num_splits,),
+        dict(h_ptr=hidden, w_ptr=lm_head_weight, e_ptr=embed_weight, b_ptr=bias, g_ptr=grad_out, lse_ptr=lse,
+             delta_ptr=delta, part_dh_ptr=bufs.get("part_dh", dummy), dw_ptr=bufs.get("dw", dummy),
+             de_ptr=bufs["dw"] if merge else bufs.get("de", dummy), db_ptr=bufs.get("db", dummy),
+             **_weights_args(hidden, lm_head_weight, embed_weight), stride_g=grad_out.stride(0),
+             tiles_per_split=kc.tiles_per_split, inv_temperature=1.0 / temperature,
+             softcap=1.0 if softcap is None else softcap, filter_eps=float(grad_filter_eps)),
+        {**_tile_flags(kc, hidden.dtype, tied, lm_head_bias is not None, softcap is not None, upcast),
+         "FILTER": grad_filter_eps > 0, "NEED_H": bool(need_hidden), "NEED_W": bool(need_weight or merge),
+         "NEED_E": bool(need_embed or merge), "NEED_B": bool(need_bias), "MERGE": merge},
+        kc.num_warps, kc.num_stages)
+    return launch, bufs
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers (the backend contract of ``gircse_kernels.autograd``)
 # ----------------------------------------------------------------------------------------------
-def _flags(cfg: KernelConfig, hidden, tied, lm_head_bias, softcap) -> dict:
-    return dict(
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_DE=cfg.block_de,
-        SINGLE_D=cfg.single_d, ACC_IN_REGS=cfg.acc_in_registers,
-        # Tile reuse needs the value tile to be the W tile exactly: same matrix, same width.
-        TIED=bool(tied) and cfg.d == cfg.d_embed,
-        HAS_BIAS=lm_head_bias is not None, HAS_SOFTCAP=softcap is not None,
-        UPCAST=interpreting(), IEEE=hidden.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-
-
 def _check_layout(hidden, lm_head_weight, embed_weight):
-    for name, t in (("hidden", hidden), ("lm_head_weight", lm_head_weight), ("embed_weight", embed_weight)):
-        if t.dim() != 2 or t.stride(1) != 1:
-            raise ValueError(f"triton backend: {name} must be 2-D with unit last stride, got strides {t.stride()}")
+    if hidden.dim() != 2 or hidden.stride(1) != 1:
+        raise ValueError(f"triton backend: hidden must be 2-D with unit last stride, got strides {hidden.stride()}")
+    for name, t in (("lm_head_weight", lm_head_weight), ("embed_weight", embed_weight)):
+        if t.dim() != 2:
+            raise ValueError(f"triton backend: {name} must be 2-D, got shape {tuple(t.shape)}")
 
 
-def config_for(hidden, lm_head_weight, embed_weight, num_splits=None) -> KernelConfig:
-    return choose_config(hidden.shape[0], lm_head_weight.shape[0], lm_head_weight.shape[1],
-                         embed_weight.shape[1], hidden.dtype, num_sms(hidden.device), num_splits)
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensors' GPU, whatever the current device is."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def config_for(hidden, lm_head_weight, embed_weight, *, batch_invariant=False, num_splits=None) -> OpConfig:
+    return choose_config(hidden.shape[0], lm_head_weight.shape[0], lm_head_weight.shape[1], embed_weight.shape[1],
+                         hidden.dtype, num_sms(hidden.device), batch_invariant=bool(batch_invariant),
+                         num_splits=num_splits)
+
+
+def _row_groups(cfg: OpConfig):
+    for start in range(0, cfg.rows, cfg.row_group):
+        yield slice(start, min(cfg.rows, start + cfg.row_group))
 
 
 def forward(hidden, lm_head_weight, embed_weight, lm_head_bias, *, temperature, softcap, tied=False,
-            num_splits=None):
+            batch_invariant=False, num_splits=None):
     _check_layout(hidden, lm_head_weight, embed_weight)
-    rows, vocab = hidden.shape[0], lm_head_weight.shape[0]
-    d, de = lm_head_weight.shape[1], embed_weight.shape[1]
-    cfg = config_for(hidden, lm_head_weight, embed_weight, num_splits)
-    splits = cfg.num_splits
-    ws = WORKSPACE.get(hidden.device, "forward", splits * rows * (de + 2))
-    part_acc = ws[: splits * rows * de]
-    part_max = ws[splits * rows * de: splits * rows * (de + 1)]
-    part_sum = ws[splits * rows * (de + 1):]
-    bias = lm_head_bias if lm_head_bias is not None else hidden  # dummy pointer, never read
-    _forward_partials_kernel[(triton.cdiv(rows, cfg.block_m), splits)](
-        hidden, lm_head_weight, embed_weight, bias, part_acc, part_max, part_sum,
-        rows, vocab, d, de, hidden.stride(0), lm_head_weight.stride(0), embed_weight.stride(0),
-        cfg.tiles_per_split, 1.0 / temperature, 1.0 if softcap is None else softcap,
-        **_flags(cfg, hidden, tied, lm_head_bias, softcap),
-    )
-    out32 = torch.empty(rows, de, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    # One specialization for every shape (the one the AOT gate compiles); masking covers the rest.
-    _combine_kernel[(rows, triton.cdiv(de, COMBINE_BLOCK_DE))](
-        part_acc, part_max, part_sum, out32, lse, rows, de, splits,
-        BLOCK_S=MAX_SPLITS, BLOCK_DE=COMBINE_BLOCK_DE,
-    )
+    cfg = config_for(hidden, lm_head_weight, embed_weight, batch_invariant=batch_invariant, num_splits=num_splits)
+    with _device_guard(hidden):
+        out32 = torch.empty(hidden.shape[0], embed_weight.shape[1], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for rs in _row_groups(cfg):
+            for launch in forward_plan(cfg, hidden[rs], lm_head_weight, embed_weight, lm_head_bias, out32[rs],
+                                       lse[rs], temperature=temperature, softcap=softcap, tied=tied,
+                                       upcast=interpreting()):
+                launch()
     return out32, lse
 
 
 def backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, *, temperature,
              softcap, tied=False, need_hidden=True, need_weight=False, need_embed=False, need_bias=False,
-             merge_tied_grads=False, grad_filter_eps=0.0, num_splits=None):
+             merge_tied_grads=False, grad_filter_eps=0.0, batch_invariant=False, num_splits=None):
     _check_layout(hidden, lm_head_weight, embed_weight)
-    grad_out = grad_out.to(embed_weight.dtype).contiguous()
-    rows, vocab = hidden.shape[0], lm_head_weight.shape[0]
-    d, de = lm_head_weight.shape[1], embed_weight.shape[1]
-    cfg = config_for(hidden, lm_head_weight, embed_weight, num_splits)
-    flags = _flags(cfg, hidden, tied, lm_head_bias, softcap)
-    bias = lm_head_bias if lm_head_bias is not None else hidden
-    common = (rows, vocab, d, de, hidden.stride(0), lm_head_weight.stride(0), embed_weight.stride(0),
-              grad_out.stride(0))
-    scalars = (1.0 / temperature, 1.0 if softcap is None else softcap, float(grad_filter_eps))
-    lse, delta = lse.contiguous(), delta.float().contiguous()
-
-    d_hidden = None
-    if need_hidden:
-        part_dh = WORKSPACE.get(hidden.device, "backward", cfg.num_splits * rows * d)
-        _backward_hidden_kernel[(triton.cdiv(rows, cfg.block_m), cfg.num_splits)](
-            hidden, lm_head_weight, embed_weight, bias, grad_out, lse, delta, part_dh,
-            *common, cfg.tiles_per_split, *scalars, FILTER=grad_filter_eps > 0, **flags,
-        )
-        d_hidden = part_dh.view(cfg.num_splits, rows, d).sum(dim=0).to(hidden.dtype)
-
-    d_weight = d_embed = d_bias = None
-    need_embed_buffer = need_embed and not merge_tied_grads
-    if need_weight or need_embed or need_bias:
-        dev = hidden.device
-        dw32 = torch.zeros(vocab, d, dtype=torch.float32, device=dev) if (need_weight or merge_tied_grads) else None
-        de32 = torch.zeros(vocab, de, dtype=torch.float32, device=dev) if need_embed_buffer else None
-        db32 = torch.empty(vocab, dtype=torch.float32, device=dev) if need_bias else None
-        dummy = lse
-        _backward_weights_kernel[(triton.cdiv(vocab, cfg.weights_block_v),)](
-            hidden, lm_head_weight, embed_weight, bias, grad_out, lse, delta,
-            dw32 if dw32 is not None else dummy, de32 if de32 is not None else (dw32 if merge_tied_grads else dummy),
-            db32 if db32 is not None else dummy,
-            *common, *scalars, FILTER=grad_filter_eps > 0,
-            NEED_W=need_weight, NEED_E=need_embed, NEED_B=need_bias, MERGE=merge_tied_grads,
-            **{**flags, "BLOCK_V": cfg.weights_block_v},
-        )
-        d_weight = None if dw32 is None else dw32.to(lm_head_weight.dtype)
-        d_embed = None if de32 is None else de32.to(embed_weight.dtype)
-        d_bias = None if db32 is None else db32.to(lm_head_bias.dtype)
+    cfg = config_for(hidden, lm_head_weight, embed_weight, batch_invariant=batch_invariant, num_splits=num_splits)
+    need_weights = need_weight or need_embed or need_bias
+    fold = need_hidden and need_weights and cfg.fold_backward and cfg.row_group == cfg.rows
+    common = dict(temperature=temperature, softcap=softcap, tied=tied, grad_filter_eps=grad_filter_eps,
+                  upcast=interpreting())
+    d_hidden = d_weight = d_embed = d_bias = None
+    with _device_guard(hidden):
+        grad_out = grad_out.to(embed_weight.dtype).contiguous()
+        lse, delta = lse.float().contiguous(), delta.float().contiguous()
+        if need_hidden and not fold:
+            d_hidden = torch.empty_like(hidden)
+            for rs in _row_groups(cfg):
+                launch, part_dh = backward_hidden_plan(cfg, grad_out[rs], hidden[rs], lm_head_weight, embed_weight,
+                                                       lm_head_bias, lse[rs], delta[rs], **common)
+                launch()
+                d_hidden[rs] = part_dh.sum(dim=0)
+        if need_weights:
+            launch, bufs = backward_tiles_plan(
+                cfg, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta,
+                need_hidden=fold, need_weight=need_weight, need_embed=need_embed, need_bias=need_bias,
+                merge_tied_grads=merge_tied_grads and need_weight and need_embed, **common)
+            launch()
+            if fold:
+                d_hidden = bufs["part_dh"].sum(dim=0).to(hidden.dtype)
+            d_weight = bufs["dw"].to(lm_head_weight.dtype) if "dw" in bufs else None
+            d_embed = bufs["de"].to(embed_weight.dtype) if "de" in bufs else None
+            d_bias = bufs.get("db")
     return d_hidden, d_weight, d_embed, d_bias
