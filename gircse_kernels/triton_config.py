@@ -29,7 +29,7 @@ import torch
 PROGRAMS_PER_SM = 2
 # Each split walks at least this many vocabulary tiles, so the combine stays negligible.
 MIN_TILES_PER_SPLIT = 2
-# Hard cap on the vocabulary splits of one launch.
+# Cap on the automatically chosen vocabulary splits (each holds fp32 partials of its rows).
 MAX_SPLITS = 512
 # Batch-invariant mode: a fixed split count (independent of B and of the GPU), enough to give a
 # B = 1 decode step a program per SM on current GPUs.
@@ -45,6 +45,8 @@ WORKSPACE_BUDGET_BYTES = 256 << 20
 # The combine kernel: splits merged per step and output columns per program.
 COMBINE_BLOCK_S = 32
 COMBINE_BLOCK_DE = 128
+# The split-sum of the dh partials: columns per program.
+SUM_BLOCK_N = 256
 
 
 def _pow2(n: int) -> int:
@@ -107,11 +109,12 @@ class OpConfig:
 
 
 def _splits(tiles: int, row_blocks: int, num_sms: int, forced: int | None) -> tuple[int, int]:
-    """(num_splits, tiles_per_split) with no empty split."""
+    """(num_splits, tiles_per_split) with no empty split: ``forced`` (clamped to the tile count), else
+    enough splits to give every SM PROGRAMS_PER_SM programs, each walking MIN_TILES_PER_SPLIT tiles or more."""
     if forced is None:
         wanted = _cdiv(PROGRAMS_PER_SM * num_sms, row_blocks)
-        forced = min(wanted, max(1, tiles // MIN_TILES_PER_SPLIT))
-    splits = max(1, min(forced, tiles, MAX_SPLITS))
+        forced = min(wanted, max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
+    splits = max(1, min(forced, tiles))
     per = _cdiv(tiles, splits)
     return _cdiv(tiles, per), per
 
@@ -165,26 +168,29 @@ def choose_config(rows: int, vocab: int, d: int, d_embed: int, dtype: torch.dtyp
         forced = min(forced, max(1, tiles // MIN_TILES_PER_SPLIT))
         row_bytes = forced * (max(d, d_embed) + 2) * 4
         group_cap = max(block_m, WORKSPACE_BUDGET_BYTES // row_bytes // block_m * block_m)
-        row_group, fold_rows, sms, tiles_forced = min(rows, group_cap), group_cap, 1, forced
+        row_group, sms = min(rows, group_cap), 1
     else:
-        forced, row_group, fold_rows, sms, tiles_forced = num_splits, rows, rows, num_sms, num_splits
+        forced, row_group, sms = num_splits, rows, num_sms
     row_blocks = _cdiv(row_group, block_m)
     forward = _kernel(d, d_embed, block_m, block_v, tiles, row_blocks, sms, forced, warps, stages)
     backward_hidden = forward
 
     # Folding dh into the tile kernel needs [splits, rows, d] fp32 partials: only while they stay
     # within the budget with at least a program per SM (or a split per tile); else separate kernels.
-    if tiles_forced is None:
-        cap = WORKSPACE_BUDGET_BYTES // (fold_rows * d * 4)
-        tiles_forced = min(PROGRAMS_PER_SM * num_sms, max(1, tiles_t // MIN_TILES_PER_SPLIT), cap)
-        fold = cap >= min(num_sms, tiles_t)
+    # Batch-invariant mode never folds: dh always comes from the fixed-split dh kernel, whichever
+    # gradients are needed and however many row groups there are.
+    if batch_invariant:
+        fold, tiles_forced = False, tiles_t
+    elif num_splits is not None:
+        fold, tiles_forced = True, num_splits
     else:
-        fold = True
-    tiles_m = block_m
-    backward_tiles = _kernel(d, d_embed, tiles_m, tiles_bv, tiles_t, 1, sms, max(1, tiles_forced),
-                             4 if tiles_m <= 32 else 8, 2)
-    if not fold:  # dh from backward_hidden; the tile kernel needs no partials: one tile per program
-        backward_tiles = dataclasses.replace(backward_tiles, num_splits=tiles_t, tiles_per_split=1)
+        cap = WORKSPACE_BUDGET_BYTES // (rows * d * 4)
+        fold = cap >= min(num_sms, tiles_t)
+        tiles_forced = min(PROGRAMS_PER_SM * num_sms, max(1, tiles_t // MIN_TILES_PER_SPLIT), cap)
+        if not fold:  # the tile kernel then needs no partials: one tile per program
+            tiles_forced = tiles_t
+    backward_tiles = _kernel(d, d_embed, block_m, tiles_bv, tiles_t, 1, sms, max(1, tiles_forced),
+                             warps, 2)
     kind = "decode" if forward.num_splits > 1 else "general"
     return OpConfig(kind=kind, rows=rows, vocab=vocab, d=d, d_embed=d_embed, dtype=dtype,
                     batch_invariant=batch_invariant, row_group=row_group, forward=forward,

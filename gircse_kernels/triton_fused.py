@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_config import COMBINE_BLOCK_DE, COMBINE_BLOCK_S, KernelConfig, OpConfig, choose_config, num_sms
+from .triton_config import COMBINE_BLOCK_DE, COMBINE_BLOCK_S, SUM_BLOCK_N, KernelConfig, OpConfig, choose_config, num_sms
 
 
 def interpreting() -> bool:
@@ -488,6 +488,21 @@ def _backward_tiles_kernel(
             tl.store(db_ptr + vocab_rows, db.to(db_ptr.dtype.element_ty), mask=vocab_mask)
 
 
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, S, R, N, BLOCK_N: tl.constexpr):
+    """``out[r, cols] = sum_s part[s, r, cols]`` in split order (fixed, whatever R is), cast to out's dtype.
+
+    Reads each fp32 partial once (vectorized BLOCK_N columns), writes the gradient rows once.
+    """
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + (s * R + row).to(tl.int64) * N + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row.to(tl.int64) * N + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch plans: the launchers run them, the AOT gate compiles exactly them
 # ----------------------------------------------------------------------------------------------
@@ -547,9 +562,15 @@ def forward_plan(cfg: OpConfig, hidden, lm_head_weight, embed_weight, lm_head_bi
     return [partials, combine]
 
 
+def _sum_splits_launch(part_dh, d_hidden) -> Launch:
+    splits, rows, d = part_dh.shape
+    return Launch("sum_splits", _sum_splits_kernel, (rows, triton.cdiv(d, SUM_BLOCK_N)),
+                  dict(part_ptr=part_dh, out_ptr=d_hidden, S=splits, R=rows, N=d), dict(BLOCK_N=SUM_BLOCK_N), 4, 2)
+
+
 def backward_hidden_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta,
-                         *, temperature, softcap, tied, grad_filter_eps, upcast) -> tuple[Launch, torch.Tensor]:
-    """The dh launch for one row group and its [splits, rows, d] fp32 partials."""
+                         d_hidden, *, temperature, softcap, tied, grad_filter_eps, upcast) -> list[Launch]:
+    """The dh launches for one row group: per-split fp32 partials, then their sum into ``d_hidden``."""
     kc = cfg.backward_hidden
     rows, d = hidden.shape
     part_dh = torch.empty(kc.num_splits, rows, d, dtype=torch.float32, device=hidden.device)
@@ -563,12 +584,12 @@ def backward_hidden_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_
         {**_tile_flags(kc, hidden.dtype, tied, lm_head_bias is not None, softcap is not None, upcast),
          "FILTER": grad_filter_eps > 0},
         kc.num_warps, kc.num_stages)
-    return launch, part_dh
+    return [launch, _sum_splits_launch(part_dh, d_hidden)]
 
 
 def backward_tiles_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, *,
                         temperature, softcap, tied, need_hidden, need_weight, need_embed, need_bias,
-                        merge_tied_grads, grad_filter_eps, upcast) -> tuple[Launch, dict]:
+                        merge_tied_grads, grad_filter_eps, upcast) -> tuple[list[Launch], dict]:
     """The vocabulary-tile launch (weight gradients, and dh when ``need_hidden``) and its buffers.
 
     dW / dE come out in the weights' dtype when the tile accumulators live in registers (stored once),
@@ -583,6 +604,7 @@ def backward_tiles_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_w
     bufs = {}
     if need_hidden:
         bufs["part_dh"] = torch.empty(kc.num_splits, rows, d, dtype=torch.float32, device=dev)
+        bufs["dh"] = torch.empty(rows, d, dtype=hidden.dtype, device=dev)
     if need_weight or merge:
         bufs["dw"] = torch.empty(vocab, d, dtype=lm_head_weight.dtype if regs_w else torch.float32, device=dev)
     if need_embed and not merge:
@@ -603,7 +625,7 @@ def backward_tiles_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_w
          "FILTER": grad_filter_eps > 0, "NEED_H": bool(need_hidden), "NEED_W": bool(need_weight or merge),
          "NEED_E": bool(need_embed or merge), "NEED_B": bool(need_bias), "MERGE": merge},
         kc.num_warps, kc.num_stages)
-    return launch, bufs
+    return [launch] + ([_sum_splits_launch(bufs["part_dh"], bufs["dh"])] if need_hidden else []), bufs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,7 +676,7 @@ def backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, 
     _check_layout(hidden, lm_head_weight, embed_weight)
     cfg = config_for(hidden, lm_head_weight, embed_weight, batch_invariant=batch_invariant, num_splits=num_splits)
     need_weights = need_weight or need_embed or need_bias
-    fold = need_hidden and need_weights and cfg.fold_backward and cfg.row_group == cfg.rows
+    fold = need_hidden and need_weights and cfg.fold_backward
     common = dict(temperature=temperature, softcap=softcap, tied=tied, grad_filter_eps=grad_filter_eps,
                   upcast=interpreting())
     d_hidden = d_weight = d_embed = d_bias = None
@@ -664,18 +686,17 @@ def backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, 
         if need_hidden and not fold:
             d_hidden = torch.empty_like(hidden)
             for rs in _row_groups(cfg):
-                launch, part_dh = backward_hidden_plan(cfg, grad_out[rs], hidden[rs], lm_head_weight, embed_weight,
-                                                       lm_head_bias, lse[rs], delta[rs], **common)
-                launch()
-                d_hidden[rs] = part_dh.sum(dim=0)
+                for launch in backward_hidden_plan(cfg, grad_out[rs], hidden[rs], lm_head_weight, embed_weight,
+                                                   lm_head_bias, lse[rs], delta[rs], d_hidden[rs], **common):
+                    launch()
         if need_weights:
-            launch, bufs = backward_tiles_plan(
+            launches, bufs = backward_tiles_plan(
                 cfg, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta,
                 need_hidden=fold, need_weight=need_weight, need_embed=need_embed, need_bias=need_bias,
                 merge_tied_grads=merge_tied_grads and need_weight and need_embed, **common)
-            launch()
-            if fold:
-                d_hidden = bufs["part_dh"].sum(dim=0).to(hidden.dtype)
+            for launch in launches:
+                launch()
+            d_hidden = bufs.get("dh", d_hidden)
             d_weight = bufs["dw"].to(lm_head_weight.dtype) if "dw" in bufs else None
             d_embed = bufs["de"].to(embed_weight.dtype) if "de" in bufs else None
             d_bias = bufs.get("db")
