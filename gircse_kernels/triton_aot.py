@@ -59,7 +59,7 @@ ALL_ROWS = (1, 2, 16, 17, 64, 128, 512, 4096)
 SMALL_DIMS = (16, 32, 48, 96)
 ALL_DIMS = tuple((d, de) for d in SMALL_DIMS + (576,) for de in SMALL_DIMS + (576,))
 VARIANTS = ("plain", "full")  # optional features all off / all on (bias, softcap, tied, filter, every grad)
-KERNELS = ("forward_partials", "combine", "backward_hidden", "backward_tiles")
+KERNELS = ("forward_partials", "combine", "backward_hidden", "backward_tiles", "sum_splits")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,11 +97,11 @@ def plan_launches(cfg: OpConfig, variant: str):
     common = dict(temperature=0.7, softcap=30.0 if full else None, tied=tied, upcast=False)
     grads = dict(grad_filter_eps=1e-4 if full else 0.0)
     launches = tf.forward_plan(cfg, hidden, weight, embed, bias, out32, lse, **common)
-    launches.append(tf.backward_hidden_plan(cfg, grad_out, hidden, weight, embed, bias, lse, lse, **common,
-                                            **grads)[0])
-    launches.append(tf.backward_tiles_plan(
+    launches += tf.backward_hidden_plan(cfg, grad_out, hidden, weight, embed, bias, lse, lse, torch.empty_like(hidden),
+                                        **common, **grads)
+    launches += tf.backward_tiles_plan(
         cfg, grad_out, hidden, weight, embed, bias, lse, lse, need_hidden=cfg.fold_backward, need_weight=True,
-        need_embed=True, need_bias=full, merge_tied_grads=tied, **common, **grads)[0])
+        need_embed=True, need_bias=full, merge_tied_grads=tied, **common, **grads)[0]
     return {launch.name: launch for launch in launches}
 
 
@@ -376,7 +376,7 @@ def kind_jobs(archs=ARCHS) -> list[Job]:
                                  (16, 576, 48, True)):
             for kernel in KERNELS:
                 for variant in VARIANTS:
-                    if kernel == "combine" and (variant == "full" or rows != 1):
+                    if kernel in ("combine", "sum_splits") and (variant == "full" or rows != 1):
                         continue
                     aligned = not (variant == "full" and rows == 17)
                     jobs += [Job(kernel, dtype, rows, 49152, d, de, inv, variant, aligned, arch) for arch in archs

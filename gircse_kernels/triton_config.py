@@ -49,6 +49,61 @@ COMBINE_BLOCK_DE = 128
 SUM_BLOCK_N = 256
 
 
+# Tile shapes per kernel, chosen from the AOT table (registers / spills / shared memory for sm_80 and
+# sm_90, ``bench/results/triton_aot.md``): (kernel, operand bytes, batch class, feature mode) ->
+# (block_m, block_v, num_warps, num_stages). Batch class "small" = B <= 16 or batch-invariant mode (the
+# smallest MMA, 16 rows), "large" otherwise. Feature mode: "reg" = d and d_e in registers, "chunked" = both
+# walked in CHUNK-wide chunks, "mixed" = one of each. The backward kernels hold several [block_m, block_v]
+# fp32 tiles (logits, p, dp, dz) plus register W / E tiles, the tile kernel also fp32 dW / dE tiles;
+# fp32 operands take twice the staging and tf32x3 dots about three times the operand registers.
+BLOCKS = {
+    # forward: online softmax, accumulator in registers (reg) or in the L2 slice (chunked d_e)
+    ("forward", 2, "small", "reg"): (16, 128, 4, 2),
+    ("forward", 2, "small", "mixed"): (16, 128, 4, 3),
+    ("forward", 2, "small", "chunked"): (16, 128, 4, 3),
+    ("forward", 2, "large", "reg"): (64, 128, 8, 2),
+    ("forward", 2, "large", "mixed"): (64, 128, 8, 3),
+    ("forward", 2, "large", "chunked"): (64, 128, 8, 3),
+    ("forward", 4, "small", "reg"): (16, 64, 8, 2),
+    ("forward", 4, "small", "mixed"): (16, 64, 8, 2),
+    ("forward", 4, "small", "chunked"): (16, 64, 8, 2),
+    ("forward", 4, "large", "reg"): (16, 64, 8, 2),
+    ("forward", 4, "large", "mixed"): (16, 64, 8, 2),
+    ("forward", 4, "large", "chunked"): (16, 64, 8, 2),
+    # dh kernel: logits, dp, dz per tile; dh in registers (d fits) or in the L2 slice
+    ("backward_hidden", 2, "small", "reg"): (16, 128, 4, 2),
+    ("backward_hidden", 2, "small", "mixed"): (16, 64, 4, 3),
+    ("backward_hidden", 2, "small", "chunked"): (16, 128, 4, 3),
+    ("backward_hidden", 2, "large", "reg"): (64, 32, 8, 2),
+    ("backward_hidden", 2, "large", "mixed"): (64, 64, 8, 3),
+    ("backward_hidden", 2, "large", "chunked"): (64, 64, 8, 3),
+    ("backward_hidden", 4, "small", "reg"): (16, 32, 8, 2),
+    ("backward_hidden", 4, "small", "mixed"): (16, 32, 8, 2),
+    ("backward_hidden", 4, "small", "chunked"): (16, 32, 8, 2),
+    ("backward_hidden", 4, "large", "reg"): (16, 32, 8, 2),
+    ("backward_hidden", 4, "large", "mixed"): (16, 32, 8, 2),
+    ("backward_hidden", 4, "large", "chunked"): (16, 32, 8, 2),
+    # vocabulary-tile kernel: + fp32 dW / dE tile accumulators (registers) or their fp32 rows (chunked)
+    ("backward_tiles", 2, "small", "reg"): (16, 64, 8, 2),
+    ("backward_tiles", 2, "small", "mixed"): (16, 32, 4, 2),
+    ("backward_tiles", 2, "small", "chunked"): (16, 64, 4, 2),
+    ("backward_tiles", 2, "large", "reg"): (32, 64, 8, 2),
+    ("backward_tiles", 2, "large", "mixed"): (32, 32, 4, 2),
+    ("backward_tiles", 2, "large", "chunked"): (64, 64, 8, 2),
+    ("backward_tiles", 4, "small", "reg"): (16, 32, 8, 2),
+    ("backward_tiles", 4, "small", "mixed"): (16, 16, 8, 2),
+    ("backward_tiles", 4, "small", "chunked"): (16, 32, 8, 2),
+    ("backward_tiles", 4, "large", "reg"): (16, 32, 8, 2),
+    ("backward_tiles", 4, "large", "mixed"): (16, 16, 8, 2),
+    ("backward_tiles", 4, "large", "chunked"): (16, 32, 8, 2),
+}
+
+
+def feature_mode(d: int, d_embed: int) -> str:
+    regs = (feature_block(d) >= d) + (feature_block(d_embed) >= d_embed)
+    return {2: "reg", 1: "mixed", 0: "chunked"}[regs]
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -146,34 +201,33 @@ def choose_config(rows: int, vocab: int, d: int, d_embed: int, dtype: torch.dtyp
         raise ValueError(f"choose_config needs positive sizes, got rows={rows} vocab={vocab} d={d} "
                          f"d_embed={d_embed} num_sms={num_sms}")
     dtype_name(dtype)  # rejects unsupported dtypes by name
-    fp32 = dtype == torch.float32
-    chunked = max(d, d_embed) > MAX_REGISTER_DIM
-    # fp32 tiles are twice the bytes (and ieee dots twice the registers): halve the vocabulary tile.
-    block_v = 64 if fp32 else 128
-    # Rows per program: 16 (the smallest MMA) for decode-sized batches; for larger batches the biggest
-    # block whose logits tile and staging fit (fp32 operands double the shared-memory staging).
-    small = batch_invariant or rows <= 16
-    block_m = 16 if small else (32 if fp32 else 64)
-    warps = 4 if block_m <= 32 else 8
-    stages = 3 if chunked and not fp32 else 2
-    tiles = _cdiv(vocab, block_v)
-    # The vocabulary-tile kernel keeps fp32 [tile, d] accumulators for dW and dE (register mode):
-    # half the forward's tile. It loops over all row blocks itself, so its splits alone fill the GPU.
-    tiles_bv = block_v // 2
-    tiles_t = _cdiv(vocab, tiles_bv)
+    size = 4 if dtype == torch.float32 else 2
+    batch = "small" if batch_invariant or rows <= 16 else "large"
+    mode = feature_mode(d, d_embed)
+
+    def blocks(kernel):
+        return BLOCKS[(kernel, size, batch, mode)]
+
+    fwd_m, fwd_v, fwd_w, fwd_s = blocks("forward")
+    bh_m, bh_v, bh_w, bh_s = blocks("backward_hidden")
+    bt_m, bt_v, bt_w, bt_s = blocks("backward_tiles")
+    tiles, tiles_bh, tiles_t = _cdiv(vocab, fwd_v), _cdiv(vocab, bh_v), _cdiv(vocab, bt_v)
 
     if batch_invariant:
         # Split boundaries from V alone; rows launched in groups that keep the partials bounded.
-        forced = INVARIANT_SPLITS if num_splits is None else num_splits
-        forced = min(forced, max(1, tiles // MIN_TILES_PER_SPLIT))
-        row_bytes = forced * (max(d, d_embed) + 2) * 4
-        group_cap = max(block_m, WORKSPACE_BUDGET_BYTES // row_bytes // block_m * block_m)
+        def fixed(n_tiles):
+            wanted = INVARIANT_SPLITS if num_splits is None else num_splits
+            return min(wanted, max(1, n_tiles // MIN_TILES_PER_SPLIT))
+
+        forced, forced_bh = fixed(tiles), fixed(tiles_bh)
+        row_bytes = max(forced * (d_embed + 2), forced_bh * d) * 4
+        group_cap = max(16, WORKSPACE_BUDGET_BYTES // row_bytes // 16 * 16)
         row_group, sms = min(rows, group_cap), 1
     else:
-        forced, row_group, sms = num_splits, rows, num_sms
-    row_blocks = _cdiv(row_group, block_m)
-    forward = _kernel(d, d_embed, block_m, block_v, tiles, row_blocks, sms, forced, warps, stages)
-    backward_hidden = forward
+        forced = forced_bh = num_splits
+        row_group, sms = rows, num_sms
+    forward = _kernel(d, d_embed, fwd_m, fwd_v, tiles, _cdiv(row_group, fwd_m), sms, forced, fwd_w, fwd_s)
+    backward_hidden = _kernel(d, d_embed, bh_m, bh_v, tiles_bh, _cdiv(row_group, bh_m), sms, forced_bh, bh_w, bh_s)
 
     # Folding dh into the tile kernel needs [splits, rows, d] fp32 partials: only while they stay
     # within the budget with at least a program per SM (or a split per tile); else separate kernels.
@@ -189,8 +243,7 @@ def choose_config(rows: int, vocab: int, d: int, d_embed: int, dtype: torch.dtyp
         tiles_forced = min(PROGRAMS_PER_SM * num_sms, max(1, tiles_t // MIN_TILES_PER_SPLIT), cap)
         if not fold:  # the tile kernel then needs no partials: one tile per program
             tiles_forced = tiles_t
-    backward_tiles = _kernel(d, d_embed, block_m, tiles_bv, tiles_t, 1, sms, max(1, tiles_forced),
-                             warps, 2)
+    backward_tiles = _kernel(d, d_embed, bt_m, bt_v, tiles_t, 1, sms, max(1, tiles_forced), bt_w, bt_s)
     kind = "decode" if forward.num_splits > 1 else "general"
     return OpConfig(kind=kind, rows=rows, vocab=vocab, d=d, d_embed=d_embed, dtype=dtype,
                     batch_invariant=batch_invariant, row_group=row_group, forward=forward,

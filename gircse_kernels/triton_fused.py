@@ -97,22 +97,29 @@ def _load_tile(ptr, rows, row_mask, stride_r, cols, col_mask, stride_c):
 
 
 @triton.jit
-def _rmw_product(out_ptr, out_rows, out_mask, a, prev_scale, accumulate, x_ptr, x_rows, x_mask, stride_xr,
-                 stride_xc, N, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``out[out_rows, :N] = (accumulate ? out * prev_scale : 0) + a @ x[x_rows, :N]`` in BLOCK_N chunks.
+def _rmw_product(out_ptr, out_rows, out_mask, N, prev_scale, accumulate,
+                 a, x_ptr, x_rows, x_mask, stride_xr, stride_xc,
+                 a2, x2_ptr, x2_rows, x2_mask, stride_x2r, stride_x2c,
+                 TWO: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``out[out_rows, :N] = (accumulate ? out * prev_scale : 0) + a @ x[x_rows, :N] (+ a2 @ x2[x2_rows, :N])``.
 
-    ``out`` is an fp32 row-major slice of width N owned by this program. Per chunk it reads the x
-    chunk (a W / E / hidden / dO block) and reads and writes the fp32 out chunk once. Ends with a
-    barrier: the next pass over the same rows may load them from other threads.
+    Walks N in BLOCK_N chunks; ``out`` is a row-major slice of width N owned by this program (fp32
+    while it accumulates over passes, or the weights' dtype for a single pass). Per chunk it reads the
+    x (and x2) chunk once and reads and writes the out chunk once. Ends with a barrier: a later pass
+    over the same rows may load them from other threads.
     """
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        x = _load_tile(x_ptr, x_rows, x_mask, stride_xr, cols, col_mask, stride_xc)
         offs = out_rows.to(tl.int64)[:, None] * N + cols[None, :]
         mask = out_mask[:, None] & col_mask[None, :]
-        prev = tl.load(out_ptr + offs, mask=tl.where(accumulate, mask, False), other=0.0)
-        tl.store(out_ptr + offs, _dot(a.to(x.dtype), x, prev * prev_scale, UPCAST, IEEE), mask=mask)
+        prev = tl.load(out_ptr + offs, mask=tl.where(accumulate, mask, False), other=0.0).to(tl.float32)
+        x = _load_tile(x_ptr, x_rows, x_mask, stride_xr, cols, col_mask, stride_xc)
+        acc = _dot(a.to(x.dtype), x, prev * prev_scale, UPCAST, IEEE)
+        if TWO:
+            x2 = _load_tile(x2_ptr, x2_rows, x2_mask, stride_x2r, cols, col_mask, stride_x2c)
+            acc = _dot(a2.to(x2.dtype), x2, acc, UPCAST, IEEE)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()
 
 
@@ -122,7 +129,7 @@ def _fill_rows(out_ptr, out_rows, out_mask, N, value, BLOCK_M: tl.constexpr, BLO
     for c in range(0, N, BLOCK_N):
         cols = c + tl.arange(0, BLOCK_N)
         offs = out_rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out_ptr + offs, tl.full([BLOCK_M, BLOCK_N], value, tl.float32),
+        tl.store(out_ptr + offs, tl.full([BLOCK_M, BLOCK_N], value, tl.float32).to(out_ptr.dtype.element_ty),
                  mask=out_mask[:, None] & (cols < N)[None, :])
     tl.debug_barrier()
 
@@ -253,8 +260,9 @@ def _forward_partials_kernel(
             acc = _dot(p.to(values.dtype), values, acc * alpha[:, None], UPCAST, IEEE)
         else:
             # The first tile starts the slice (the buffer holds garbage); later ones rescale and add.
-            _rmw_product(part_acc_ptr, ws_rows, row_mask, p, alpha[:, None], v0 > v_begin, e_ptr, vocab_rows,
-                         vocab_mask, stride_ev, stride_ed, DE, BLOCK_DE, UPCAST, IEEE)
+            _rmw_product(part_acc_ptr, ws_rows, row_mask, DE, alpha[:, None], v0 > v_begin,
+                         p, e_ptr, vocab_rows, vocab_mask, stride_ev, stride_ed,
+                         p, e_ptr, vocab_rows, vocab_mask, stride_ev, stride_ed, False, BLOCK_DE, UPCAST, IEEE)
 
     if ACC_IN_REGS:
         offs = ws_rows[:, None] * DE + de_all[None, :]
@@ -362,8 +370,9 @@ def _backward_hidden_kernel(
             if SINGLE_D:
                 dh = _dot(dz.to(w.dtype), w, dh, UPCAST, IEEE)
             else:
-                _rmw_product(part_dh_ptr, ws_rows, row_mask, dz, 1.0, True, w_ptr, vocab_rows, vocab_mask,
-                             stride_wv, stride_wd, D, BLOCK_D, UPCAST, IEEE)
+                _rmw_product(part_dh_ptr, ws_rows, row_mask, D, 1.0, True,
+                             dz, w_ptr, vocab_rows, vocab_mask, stride_wv, stride_wd,
+                             dz, w_ptr, vocab_rows, vocab_mask, stride_wv, stride_wd, False, BLOCK_D, UPCAST, IEEE)
     if SINGLE_D:
         tl.store(part_dh_ptr + ws_rows[:, None] * D + d_all[None, :], dh,
                  mask=row_mask[:, None] & (d_all < D)[None, :])
@@ -388,7 +397,8 @@ def _backward_tiles_kernel(
     With NEED_H it also adds dz W[tile] into its [B, d] dh partial (summed over splits by the
     launcher). Per tile: W[tile] and E[tile] once from HBM (kept in registers when d, d_e fit, else
     re-read chunk-wise from L1/L2 per row block); dW / dE tiles accumulate in registers and are stored
-    once in the output dtype, or -- chunked -- in the fp32 output rows, read and written per row block.
+    once in the output dtype, or -- chunked -- in the output rows: written once in the weights' dtype
+    when one row block holds every row, else fp32 rows read and written per row block.
     """
     split = tl.program_id(0)
     num_tiles = tl.cdiv(V, BLOCK_V)
@@ -449,22 +459,26 @@ def _backward_tiles_kernel(
                         tl.store(part_dh_ptr + offs, _dot(dz.to(w.dtype), w, prev, UPCAST, IEEE), mask=dh_mask)
                         tl.debug_barrier()  # the next tile reloads these rows
                     else:
-                        _rmw_product(part_dh_ptr, dh_rows, row_mask, dz, 1.0, True, w_ptr, vocab_rows, vocab_mask,
-                                     stride_wv, stride_wd, D, BLOCK_D, UPCAST, IEEE)
+                        _rmw_product(part_dh_ptr, dh_rows, row_mask, D, 1.0, True,
+                                     dz, w_ptr, vocab_rows, vocab_mask, stride_wv, stride_wd,
+                                     dz, w_ptr, vocab_rows, vocab_mask, stride_wv, stride_wd, False, BLOCK_D, UPCAST,
+                                     IEEE)
+                dz_t = tl.trans(dz.to(h_ptr.dtype.element_ty))
+                p_t = tl.trans(p.to(g_ptr.dtype.element_ty))
                 if NEED_W:
-                    dz_t = tl.trans(dz.to(h_ptr.dtype.element_ty))
                     if SINGLE_D:
                         dw = _dot(dz_t, h, dw, UPCAST, IEEE)
-                    else:
-                        _rmw_product(dw_ptr, v_rows64, vocab_mask, dz_t, 1.0, started > 0, h_ptr, rows, row_mask,
-                                     stride_h, 1, D, BLOCK_D, UPCAST, IEEE)
+                    else:  # MERGE: dW + dE of the tied rows in one pass (dz^T h + p^T dO, d == d_e)
+                        _rmw_product(dw_ptr, v_rows64, vocab_mask, D, 1.0, started > 0,
+                                     dz_t, h_ptr, rows, row_mask, stride_h, 1,
+                                     p_t, g_ptr, rows, row_mask, stride_g, 1, MERGE, BLOCK_D, UPCAST, IEEE)
                 if NEED_E:
-                    p_t = tl.trans(p.to(g_ptr.dtype.element_ty))
                     if ACC_IN_REGS:
                         dem = _dot(p_t, g, dem, UPCAST, IEEE)
-                    else:  # MERGE: de_ptr is dw_ptr, just written by the pass above: add onto it
-                        _rmw_product(de_ptr, v_rows64, vocab_mask, p_t, 1.0, (started + MERGE) > 0, g_ptr, rows,
-                                     row_mask, stride_g, 1, DE, BLOCK_DE, UPCAST, IEEE)
+                    elif not MERGE:
+                        _rmw_product(de_ptr, v_rows64, vocab_mask, DE, 1.0, started > 0,
+                                     p_t, g_ptr, rows, row_mask, stride_g, 1,
+                                     p_t, g_ptr, rows, row_mask, stride_g, 1, False, BLOCK_DE, UPCAST, IEEE)
                 started = 1
 
         if SINGLE_D:
@@ -599,7 +613,9 @@ def backward_tiles_plan(cfg: OpConfig, grad_out, hidden, lm_head_weight, embed_w
     rows, d = hidden.shape
     vocab, de = embed_weight.shape
     dev = hidden.device
-    regs_w, regs_e = kc.single_d, kc.acc_in_registers
+    # One row block: every tile's gradient rows are complete after one pass, stored in the weights' dtype.
+    single_pass = rows <= kc.block_m
+    regs_w, regs_e = kc.single_d or single_pass, kc.acc_in_registers or single_pass
     merge = bool(merge_tied_grads)
     bufs = {}
     if need_hidden:
@@ -644,9 +660,10 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def config_for(hidden, lm_head_weight, embed_weight, *, batch_invariant=False, num_splits=None) -> OpConfig:
+def config_for(hidden, lm_head_weight, embed_weight, *, batch_invariant=False, num_splits=None, sms=None) -> OpConfig:
+    """The configuration of a call (``sms`` overrides the device's SM count: the roofline model)."""
     return choose_config(hidden.shape[0], lm_head_weight.shape[0], lm_head_weight.shape[1], embed_weight.shape[1],
-                         hidden.dtype, num_sms(hidden.device), batch_invariant=bool(batch_invariant),
+                         hidden.dtype, sms or num_sms(hidden.device), batch_invariant=bool(batch_invariant),
                          num_splits=num_splits)
 
 
@@ -655,18 +672,56 @@ def _row_groups(cfg: OpConfig):
         yield slice(start, min(cfg.rows, start + cfg.row_group))
 
 
+def forward_launches(hidden, lm_head_weight, embed_weight, lm_head_bias, out32, lse, *, temperature, softcap, tied,
+                     batch_invariant=False, num_splits=None, upcast=None, sms=None) -> list[Launch]:
+    """Every launch of one forward call (row groups included), writing ``out32`` and ``lse``."""
+    cfg = config_for(hidden, lm_head_weight, embed_weight, batch_invariant=batch_invariant, num_splits=num_splits,
+                     sms=sms)
+    upcast = interpreting() if upcast is None else upcast
+    launches = []
+    for rs in _row_groups(cfg):
+        launches += forward_plan(cfg, hidden[rs], lm_head_weight, embed_weight, lm_head_bias, out32[rs], lse[rs],
+                                 temperature=temperature, softcap=softcap, tied=tied, upcast=upcast)
+    return launches
+
+
+def backward_launches(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, *, temperature,
+                      softcap, tied, need_hidden, need_weight, need_embed, need_bias, merge_tied_grads,
+                      grad_filter_eps, batch_invariant=False, num_splits=None, upcast=None, sms=None):
+    """Every launch of one backward call and the buffers they fill: ``dh`` (hidden's dtype), ``dw`` /
+    ``de`` (the weights' dtype, or fp32 rows to cast), ``db`` (the bias's dtype)."""
+    cfg = config_for(hidden, lm_head_weight, embed_weight, batch_invariant=batch_invariant, num_splits=num_splits,
+                     sms=sms)
+    need_weights = need_weight or need_embed or need_bias
+    fold = need_hidden and need_weights and cfg.fold_backward
+    common = dict(temperature=temperature, softcap=softcap, tied=tied, grad_filter_eps=grad_filter_eps,
+                  upcast=interpreting() if upcast is None else upcast)
+    launches, bufs = [], {}
+    if need_hidden and not fold:
+        bufs["dh"] = torch.empty_like(hidden)
+        for rs in _row_groups(cfg):
+            launches += backward_hidden_plan(cfg, grad_out[rs], hidden[rs], lm_head_weight, embed_weight,
+                                             lm_head_bias, lse[rs], delta[rs], bufs["dh"][rs], **common)
+    if need_weights:
+        tile_launches, tile_bufs = backward_tiles_plan(
+            cfg, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, need_hidden=fold,
+            need_weight=need_weight, need_embed=need_embed, need_bias=need_bias,
+            merge_tied_grads=merge_tied_grads and need_weight and need_embed, **common)
+        launches += tile_launches
+        bufs.update(tile_bufs)
+    return launches, bufs
+
+
 def forward(hidden, lm_head_weight, embed_weight, lm_head_bias, *, temperature, softcap, tied=False,
             batch_invariant=False, num_splits=None):
     _check_layout(hidden, lm_head_weight, embed_weight)
-    cfg = config_for(hidden, lm_head_weight, embed_weight, batch_invariant=batch_invariant, num_splits=num_splits)
     with _device_guard(hidden):
         out32 = torch.empty(hidden.shape[0], embed_weight.shape[1], dtype=torch.float32, device=hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for rs in _row_groups(cfg):
-            for launch in forward_plan(cfg, hidden[rs], lm_head_weight, embed_weight, lm_head_bias, out32[rs],
-                                       lse[rs], temperature=temperature, softcap=softcap, tied=tied,
-                                       upcast=interpreting()):
-                launch()
+        for launch in forward_launches(hidden, lm_head_weight, embed_weight, lm_head_bias, out32, lse,
+                                       temperature=temperature, softcap=softcap, tied=tied,
+                                       batch_invariant=batch_invariant, num_splits=num_splits):
+            launch()
     return out32, lse
 
 
@@ -674,30 +729,16 @@ def backward(grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, 
              softcap, tied=False, need_hidden=True, need_weight=False, need_embed=False, need_bias=False,
              merge_tied_grads=False, grad_filter_eps=0.0, batch_invariant=False, num_splits=None):
     _check_layout(hidden, lm_head_weight, embed_weight)
-    cfg = config_for(hidden, lm_head_weight, embed_weight, batch_invariant=batch_invariant, num_splits=num_splits)
-    need_weights = need_weight or need_embed or need_bias
-    fold = need_hidden and need_weights and cfg.fold_backward
-    common = dict(temperature=temperature, softcap=softcap, tied=tied, grad_filter_eps=grad_filter_eps,
-                  upcast=interpreting())
-    d_hidden = d_weight = d_embed = d_bias = None
     with _device_guard(hidden):
         grad_out = grad_out.to(embed_weight.dtype).contiguous()
         lse, delta = lse.float().contiguous(), delta.float().contiguous()
-        if need_hidden and not fold:
-            d_hidden = torch.empty_like(hidden)
-            for rs in _row_groups(cfg):
-                for launch in backward_hidden_plan(cfg, grad_out[rs], hidden[rs], lm_head_weight, embed_weight,
-                                                   lm_head_bias, lse[rs], delta[rs], d_hidden[rs], **common):
-                    launch()
-        if need_weights:
-            launches, bufs = backward_tiles_plan(
-                cfg, grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta,
-                need_hidden=fold, need_weight=need_weight, need_embed=need_embed, need_bias=need_bias,
-                merge_tied_grads=merge_tied_grads and need_weight and need_embed, **common)
-            for launch in launches:
-                launch()
-            d_hidden = bufs.get("dh", d_hidden)
-            d_weight = bufs["dw"].to(lm_head_weight.dtype) if "dw" in bufs else None
-            d_embed = bufs["de"].to(embed_weight.dtype) if "de" in bufs else None
-            d_bias = bufs.get("db")
-    return d_hidden, d_weight, d_embed, d_bias
+        launches, bufs = backward_launches(
+            grad_out, hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta, temperature=temperature,
+            softcap=softcap, tied=tied, need_hidden=need_hidden, need_weight=need_weight, need_embed=need_embed,
+            need_bias=need_bias, merge_tied_grads=merge_tied_grads, grad_filter_eps=grad_filter_eps,
+            batch_invariant=batch_invariant, num_splits=num_splits)
+        for launch in launches:
+            launch()
+        d_weight = bufs["dw"].to(lm_head_weight.dtype) if "dw" in bufs else None
+        d_embed = bufs["de"].to(embed_weight.dtype) if "de" in bufs else None
+    return bufs.get("dh"), d_weight, d_embed, bufs.get("db")
