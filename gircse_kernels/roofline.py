@@ -50,6 +50,7 @@ class Hardware:
     flops_fp32: float      # three-pass TF32 (fp32-accurate) rate
     small_mma_fraction: float = 0.5  # mma.sync with 16-row tiles, relative to the peak
     launch_overhead_s: float = 3e-6
+    gemm_efficiency: float = 0.85    # cuBLAS: share of the peak rate and of the HBM bandwidth it reaches
 
 
 H200 = Hardware("H200", 132, 4.3e12, 2.5 * 4.3e12, 60 << 20, 790e12, 790e12 / 2 / 3)
@@ -80,6 +81,7 @@ class KernelCost:
     flops: float
     seconds: float = 0.0
     bound: str = ""
+    launches: int = 1
 
 
 @dataclasses.dataclass
@@ -221,40 +223,94 @@ def cost_launch(launch, hw: Hardware) -> KernelCost:
         rmw_dh = (splits * rows * d * 4 + 2 * tiles * rows * d * 4) if need_h else 0
         rmw_w = rmw_e = 0.0
         final_w = final_e = 0.0
+        single_pass = row_blocks == 1  # chunked gradient rows written once, in the output dtype
         if need_w:
-            if c["SINGLE_D"]:
+            if c["SINGLE_D"] or single_pass:
                 final_w = vocab * d * out_w
             else:
                 rmw_w = (2 * row_blocks - 1) * vocab * d * 4
                 final_w = vocab * d * 4
         if need_e and not merge:
-            if c["ACC_IN_REGS"]:
+            if c["ACC_IN_REGS"] or single_pass:
                 final_e = vocab * de * out_e
             else:
                 rmw_e = (2 * row_blocks - 1) * vocab * de * 4
                 final_e = vocab * de * 4
-        elif need_e and merge and not c["ACC_IN_REGS"]:
-            rmw_e = 2 * row_blocks * vocab * de * 4  # dE added onto dW's fp32 rows
         db = vocab * _size(a["db_ptr"]) if need_b else 0
         l2 += rmw_dh + rmw_w + rmw_e + (0 if rmw_w else final_w) + (0 if rmw_e else final_e) + db
         # Re-read per row block: the tile's W / E rows (chunked), its fp32 dW / dE rows, the dh slice.
-        working_set = ((0 if c["SINGLE_D"] else bv * d * (s + 4 * need_w))
-                       + (0 if c["ACC_IN_REGS"] else bv * de * (s + 4 * need_e)) + (rows * d * 4 if need_h else 0))
+        multi = row_blocks > 1
+        working_set = ((0 if c["SINGLE_D"] else bv * d * (s * (need_h or multi) + 4 * need_w * multi))
+                       + (0 if c["ACC_IN_REGS"] else bv * de * (s + 4 * need_e) * multi) + (rows * d * 4 if need_h else 0))
         hbm = (w_bytes + (0 if tied else e_bytes) + bias_bytes + rows * (d + de) * s + final_w + final_e + db
                + (splits * rows * d * 4 if need_h else 0))
         if not _fits_l2(hw, splits, working_set):
-            hbm += (rmw_dh + rmw_w + rmw_e) + (0 if c["SINGLE_D"] else (row_blocks - 1) * w_bytes)
+            hbm += (rmw_dh + rmw_w + rmw_e) + (0 if c["SINGLE_D"] else (row_blocks - 1 + need_h) * w_bytes)
         flops = row_blocks * tiles * 2 * m * bv * (d_pad * (1 + need_h + need_w) + de_pad * (1 + need_e))
         return _finish(KernelCost(name, launch.grid, hbm, l2, flops), hw, rate)
     raise ValueError(f"no cost model for kernel {name}")
 
 
-def _finish(cost: KernelCost, hw: Hardware, rate: float) -> KernelCost:
-    times = {"HBM": cost.hbm_bytes / hw.hbm_bytes_per_s, "L2": cost.l2_bytes / hw.l2_bytes_per_s,
-             "MMA": cost.flops / rate if rate else 0.0}
+def _finish(cost: KernelCost, hw: Hardware, rate: float, efficiency: float = 1.0) -> KernelCost:
+    times = {"HBM": cost.hbm_bytes / (hw.hbm_bytes_per_s * efficiency), "L2": cost.l2_bytes / hw.l2_bytes_per_s,
+             "MMA": cost.flops / (rate * efficiency) if rate else 0.0}
     cost.bound = max(times, key=times.get)
-    cost.seconds = times[cost.bound] + hw.launch_overhead_s
+    cost.seconds = times[cost.bound] + hw.launch_overhead_s * cost.launches
     return cost
+
+
+def gemm_path_costs(cfg, pass_name: str, dtype_size: int, tied: bool, bias: bool, hw: Hardware) -> list[KernelCost]:
+    """The vocabulary-chunked GEMM path (``triton_fused._gemm_forward`` / ``_gemm_backward``), per step summed
+    over the ``cfg.gemm_chunk``-row chunks: cuBLAS GEMMs at ``gemm_efficiency`` of the peak rate and HBM
+    bandwidth, the Triton elementwise kernels, the torch axpy steps. A [rows, chunk] buffer written by
+    one step and read by the next stays in L2 when it fits ``L2_FRACTION`` of it."""
+    rows, vocab, d, de, s = cfg.rows, cfg.vocab, cfg.d, cfg.d_embed, dtype_size
+    n = cfg.gemm_chunk_forward if pass_name == "forward" else cfg.gemm_chunk
+    chunks = _cdiv(vocab, n)
+    rate = hw.flops_fp32 if s == 4 else hw.flops_16bit
+    w_bytes, e_bytes = vocab * d * s, vocab * de * s
+
+    def buffer(nbytes_per_chunk):  # HBM bytes of a producer -> consumer handoff of a [rows, chunk] buffer
+        return 0.0 if nbytes_per_chunk <= L2_FRACTION * hw.l2_bytes else 2.0 * nbytes_per_chunk * chunks
+
+    def gemm(name, hbm, l2, flops):
+        return _finish(KernelCost(name, (chunks,), hbm, l2, flops, launches=chunks), hw, rate, hw.gemm_efficiency)
+
+    def pointwise(name, hbm, l2, launches=chunks):
+        return _finish(KernelCost(name, (chunks,), hbm, l2, 0.0, launches=launches), hw, rate)
+
+    z_bytes, p_bytes = rows * n * 4, rows * n * s
+    # A chunk's W rows read again by a later GEMM of the same chunk (tied values, dz W_c) come from L2
+    # when the chunk's W and E rows fit it.
+    reread_w = 0.0 if n * (d + (0 if tied else de)) * s <= L2_FRACTION * hw.l2_bytes else w_bytes
+    e_hbm = reread_w if tied else e_bytes
+    out = []
+    if pass_name == "forward":
+        out.append(gemm("cublas z = h W_c^T", w_bytes + rows * d * s + buffer(z_bytes), w_bytes + chunks * (rows * d * s + z_bytes),
+                        2.0 * rows * vocab * d))
+        out.append(pointwise("chunk_softmax", buffer(p_bytes) + (bias and vocab * s), chunks * (3 * z_bytes + p_bytes)))
+        acc = rows * de * 4
+        out.append(gemm("cublas p E_c", e_hbm + buffer(p_bytes) / 2, e_bytes + chunks * (p_bytes + acc),
+                        2.0 * rows * vocab * de))
+        out.append(pointwise("acc * alpha + pE", chunks * 4 * acc, chunks * 4 * acc, launches=2 * chunks))
+        return out
+    full = pass_name == "full-backward"
+    out.append(gemm("cublas z, dp", w_bytes + e_hbm + 2 * buffer(z_bytes) / 2,
+                    w_bytes + e_bytes + chunks * (rows * (d + de) * s + 2 * z_bytes), 2.0 * rows * vocab * (d + de)))
+    out[-1].launches = 2 * chunks
+    out.append(pointwise("chunk_grad", buffer(2 * p_bytes), chunks * (2 * z_bytes + 2 * p_bytes)))
+    dh_acc = rows * d * 4
+    out.append(gemm("cublas dh += dz W_c", reread_w + buffer(p_bytes) / 2 + chunks * 3 * dh_acc,
+                    w_bytes + chunks * (p_bytes + 3 * dh_acc), 2.0 * rows * vocab * d))
+    if full:
+        dw_out, de_out = vocab * d * s, (0 if tied else vocab * de * s)
+        flops = 2.0 * rows * vocab * (d + de)
+        out.append(gemm("cublas dW_c, dE_c", dw_out + de_out + buffer(2 * p_bytes) / 2,
+                        dw_out + de_out + chunks * (2 * p_bytes + rows * (d + de) * s), flops))
+        out[-1].launches = (1 if tied else 2) * chunks
+        if tied:
+            out.append(pointwise("cat [dz; p]", chunks * 4 * p_bytes, chunks * 4 * p_bytes))
+    return out
 
 
 def _cast_cost(numel: int, src: int, dst: int, hw: Hardware) -> KernelCost:
@@ -281,24 +337,29 @@ def predict(pass_name: str, rows: int, vocab: int, d: int, d_embed: int, dtype=t
     kw = dict(temperature=1.0, softcap=None, tied=tied, batch_invariant=batch_invariant, upcast=False,
               sms=hardware.num_sms)
     s = torch.empty(0, dtype=dtype).element_size()
-    extra = []
+    cfg = tf.config_for(hidden, weight, embed, batch_invariant=batch_invariant, sms=hardware.num_sms)
+    full = pass_name == "full-backward"
+    launches, extra = [], []
     if pass_name == "forward":
         out32 = torch.empty(rows, d_embed, dtype=torch.float32, device="meta")
-        launches = tf.forward_launches(hidden, weight, embed, b, out32, lse, **kw)
+        if cfg.kind != "gemm":
+            launches = tf.forward_launches(hidden, weight, embed, b, out32, lse, **kw)
         useful = 2 * rows * vocab * (d + d_embed)
         ideal_bytes = vocab * (d + (0 if tied else d_embed)) * s + (vocab * s if bias else 0) + rows * (d * s + d_embed * 4)
     else:
-        full = pass_name == "full-backward"
         grad_out = torch.empty(rows, d_embed, **meta)
-        launches, bufs = tf.backward_launches(
-            grad_out, hidden, weight, embed, b, lse, lse, need_hidden=True, need_weight=full, need_embed=full,
-            need_bias=full and bias, merge_tied_grads=full and tied, grad_filter_eps=0.0, **kw)
-        for key, numel in (("dw", vocab * d), ("de", vocab * d_embed)):
-            if key in bufs and bufs[key].dtype != dtype:
-                extra.append(_cast_cost(numel, 4, s, hardware))
+        if cfg.kind != "gemm":
+            launches, bufs = tf.backward_launches(
+                grad_out, hidden, weight, embed, b, lse, lse, need_hidden=True, need_weight=full, need_embed=full,
+                need_bias=full and bias, merge_tied_grads=full and tied, grad_filter_eps=0.0, **kw)
+            for key, numel in (("dw", vocab * d), ("de", vocab * d_embed)):
+                if key in bufs and bufs[key].dtype != dtype:
+                    extra.append(_cast_cost(numel, 4, s, hardware))
         useful = 2 * rows * vocab * (2 * d + d_embed) + (2 * rows * vocab * (d + d_embed) if full else 0)
         weights = vocab * (d + (0 if tied else d_embed)) * s
         ideal_bytes = weights * (2 if full else 1) + rows * (2 * d + d_embed) * s + (2 * vocab * s if full and bias else 0)
+    if cfg.kind == "gemm":
+        extra = gemm_path_costs(cfg, pass_name, s, tied, bias, hardware)
     kernels = [cost_launch(launch, hardware) for launch in launches] + extra
     rate = hardware.flops_fp32 if s == 4 else hardware.flops_16bit
     ideal_seconds = max(ideal_bytes / hardware.hbm_bytes_per_s, useful / rate)

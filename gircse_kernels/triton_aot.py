@@ -54,12 +54,16 @@ REAL_SHAPES = {
 REAL_WIDTHS = (576, 896, 3584, 4096)
 # Batch sizes of every regime: decode (B = 1 is specialized to a constant by the JIT), 16 rows, odd
 # and aligned mid batches, large batches (no fused backward).
-ALL_ROWS = (1, 2, 16, 17, 64, 128, 512, 4096)
-# Feature widths reaching every block class: 16, 32, 64, 128 in registers, and chunked.
-SMALL_DIMS = (16, 32, 48, 96)
+ALL_ROWS = (1, 16, 17, 64, 4096)
+# Feature widths reaching the block classes: 16 and 64 (d <= 64), 128 in registers, and chunked; every
+# pairing, d != d_e included. (32 compiles like its neighbours; the AOT test covers it by kind.)
+SMALL_DIMS = (16, 64, 96)
 ALL_DIMS = tuple((d, de) for d in SMALL_DIMS + (576,) for de in SMALL_DIMS + (576,))
 VARIANTS = ("plain", "full")  # optional features all off / all on (bias, softcap, tied, filter, every grad)
-KERNELS = ("forward_partials", "combine", "backward_hidden", "backward_tiles", "sum_splits")
+KERNELS = ("forward_partials", "combine", "backward_hidden", "backward_tiles", "sum_splits", "chunk_softmax",
+           "chunk_grad")
+# Kernels whose compiled form does not depend on the tile configuration (only on dtype and features).
+SHAPELESS = ("combine", "sum_splits", "chunk_softmax", "chunk_grad")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +106,14 @@ def plan_launches(cfg: OpConfig, variant: str):
     launches += tf.backward_tiles_plan(
         cfg, grad_out, hidden, weight, embed, bias, lse, lse, need_hidden=cfg.fold_backward, need_weight=True,
         need_embed=True, need_bias=full, merge_tied_grads=tied, **common, **grads)[0]
+    # The GEMM path's elementwise kernels (a [rows, chunk] slice of its buffers; dtype- and feature-specific).
+    chunk = max(cfg.gemm_chunk, 128)
+    z = torch.empty(cfg.row_group, chunk, dtype=torch.float32, device="meta")
+    p = torch.empty(cfg.row_group, chunk, **meta)
+    db_part = torch.empty(2, chunk, dtype=torch.float32, device="meta") if full else None
+    scalars = dict(temperature=common["temperature"], softcap=common["softcap"])
+    launches.append(tf.chunk_softmax_launch(z, bias, p, lse, lse, lse, 0, **scalars))
+    launches.append(tf.chunk_grad_launch(z, z, bias, lse, lse, p, p, db_part, 0, **scalars))
     return {launch.name: launch for launch in launches}
 
 
@@ -334,11 +346,12 @@ def compile_job(job: Job) -> Report:
 # ----------------------------------------------------------------------------------------------
 def _identity(job: Job):
     """Two jobs are the same configuration when their launches agree in every constexpr (tile shapes,
-    modes, feature flags), dtype, warps, stages, alignment and arch. (The JIT also specializes
+    modes, feature flags), pointer dtypes, warps, stages, alignment and arch. (The JIT also specializes
     runtime integers -- B = 1, multiples of 16 --; the first shape reaching a configuration stands
     for the others, in its aligned and its unaligned form.)"""
     launch = job_launch(job)
-    return (launch.name, job.dtype, tuple(sorted(launch.constexprs.items())), launch.num_warps,
+    pointers = tuple((k, v.dtype) for k, v in launch.args.items() if isinstance(v, torch.Tensor))
+    return (launch.name, pointers, tuple(sorted(launch.constexprs.items())), launch.num_warps,
             launch.num_stages, job.aligned, job.arch)
 
 
@@ -353,34 +366,46 @@ def dedupe(jobs) -> list[Job]:
 
 
 def all_jobs(archs=ARCHS) -> list[Job]:
-    """Every distinct kernel the dispatcher can launch: all dtypes, batch regimes, block classes of d and
-    d_e (d != d_e included), batch-invariant mode, the real models' shapes; both feature variants;
-    aligned and unaligned specializations."""
+    """Every distinct kernel configuration the dispatcher can launch: all dtypes, batch regimes (decode,
+    general, the GEMM path's elementwise kernels), block classes of d and d_e (d != d_e included),
+    batch-invariant mode, the real models' shapes; both feature variants aligned on every arch, the
+    unaligned specialization of the plain variant on sm_90."""
     shapes = [(rows, 49152, d, de, inv) for rows in ALL_ROWS for d, de in ALL_DIMS for inv in (False, True)]
     shapes += [(rows, v, d, de, inv) for v, d, de, _tied in REAL_SHAPES.values() for rows in ALL_ROWS
                for inv in (False, True)]
     jobs = [Job(kernel, dtype, rows, vocab, d, de, inv, variant, aligned, arch)
             for dtype in DTYPES for rows, vocab, d, de, inv in shapes for kernel in KERNELS
-            for variant in VARIANTS for aligned in (True, False) for arch in archs]
+            for variant, aligned in (("plain", True), ("full", True), ("plain", False)) for arch in archs
+            if aligned or arch == 90]
     return dedupe(jobs)
 
 
 def kind_jobs(archs=ARCHS) -> list[Job]:
-    """A subset complete by kind: every kernel in every block class (d / d_e in registers or
-    chunked, mixed), decode / general / large batch / batch-invariant, every dtype, both feature
-    variants, aligned and unaligned specializations -- each kind once rather than every combination."""
+    """A subset complete by kind, small enough for the test suite: every kernel in every block class
+    (d / d_e in registers, chunked, mixed both ways), decode / larger batches / batch-invariant, each
+    dtype, both feature variants and the unaligned specialization where they change the kernel most,
+    sm_80 for the 16-bit chunked kernels (the real widths) -- each kind once, not every combination."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    picks = [  # (dtype, rows, d, d_e, batch_invariant, variant, aligned, archs)
+        (bf16, 1, 64, 64, False, "plain", True, (90,)),        # registers, decode
+        (bf16, 1, 64, 64, False, "full", True, (90,)),
+        (bf16, 64, 96, 32, False, "plain", True, (90,)),       # registers, large batch, d != d_e
+        (bf16, 1, 576, 576, False, "plain", True, (80, 90)),   # chunked, decode (real widths)
+        (bf16, 1, 576, 576, False, "full", True, (80, 90)),
+        (bf16, 1, 576, 576, False, "plain", False, (90,)),     # unaligned specialization
+        (bf16, 17, 576, 576, False, "plain", True, (80, 90)),  # chunked, 17..63 rows (narrow widths)
+        (bf16, 2, 96, 576, False, "plain", True, (90,)),       # mixed: d in registers, d_e chunked
+        (bf16, 16, 576, 48, True, "full", True, (90,)),        # mixed the other way, batch-invariant
+        (fp16, 1, 576, 576, False, "full", True, (90,)),
+        (fp32, 1, 576, 576, False, "plain", True, (90,)),
+        (fp32, 17, 96, 96, False, "full", True, (90,)),
+    ]
     jobs = []
-    for dtype in DTYPES:
-        for rows, d, de, inv in ((1, 64, 64, False), (17, 96, 96, False), (1, 576, 576, False),
-                                 (64, 3584, 3584, False), (4096, 4096, 4096, False), (2, 96, 576, False),
-                                 (16, 576, 48, True)):
-            for kernel in KERNELS:
-                for variant in VARIANTS:
-                    if kernel in ("combine", "sum_splits") and (variant == "full" or rows != 1):
-                        continue
-                    aligned = not (variant == "full" and rows == 17)
-                    jobs += [Job(kernel, dtype, rows, 49152, d, de, inv, variant, aligned, arch) for arch in archs
-                             if arch == 90 or (dtype == torch.bfloat16 and variant == "plain")]
+    for dtype, rows, d, de, inv, variant, aligned, arches in picks:
+        for kernel in KERNELS:
+            for arch in arches:
+                if arch in archs:
+                    jobs.append(Job(kernel, dtype, rows, 49152, d, de, inv, variant, aligned, arch))
     return dedupe(jobs)
 
 
@@ -439,6 +464,7 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help="every distinct kernel (slow) instead of one per kind")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: all cores)")
     parser.add_argument("--markdown", help="write the table to this markdown file")
+    parser.add_argument("--json", help="write the reports (one object per compiled kernel) to this JSON file")
     args = parser.parse_args(argv)
     jobs = (all_jobs if args.all else kind_jobs)(tuple(args.arch))
     start = time.time()
@@ -453,6 +479,11 @@ def main(argv=None) -> int:
         title = "Triton AOT table (--all)" if args.all else "Triton AOT table (one configuration per kind)"
         with open(args.markdown, "w") as f:
             f.write(markdown(reports, title))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
     return 0
 
 

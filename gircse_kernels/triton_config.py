@@ -25,8 +25,12 @@ import functools
 
 import torch
 
-# Programs to aim for per SM: enough to hide latency without multiplying partials needlessly.
+# Programs to aim for per SM: enough to hide latency without multiplying partials needlessly. Kernels
+# that walk d or d_e in chunks keep per-program data in L2 until it is read again (fp32 slices, tied
+# value rows, the dh pass over W): one program per SM halves that working set (deeper pipelines keep
+# the bytes in flight instead).
 PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM_CHUNKED = 1
 # Each split walks at least this many vocabulary tiles, so the combine stays negligible.
 MIN_TILES_PER_SPLIT = 2
 # Cap on the automatically chosen vocabulary splits (each holds fp32 partials of its rows).
@@ -47,6 +51,22 @@ COMBINE_BLOCK_S = 32
 COMBINE_BLOCK_DE = 128
 # The split-sum of the dh partials: columns per program.
 SUM_BLOCK_N = 256
+# The vocabulary-chunked GEMM path ("gemm": cuBLAS GEMMs over vocabulary chunks, Triton for the
+# softmax arithmetic in between) serves batches above this size when d or d_e is walked in chunks:
+# there the fused kernels' per-tile fp32 slices (2 * rows * d_e * 4 bytes per tile) outgrow L2 and
+# the MMA work outgrows 16-row tiles (see gircse_kernels/roofline.py and bench/results/gpu_roofline.md).
+# Up to d = 1024 the fused kernels' tiles stay in L2 and they win on launch count below 64 rows.
+GEMM_MIN_ROWS = 17
+GEMM_MIN_ROWS_NARROW = 64
+NARROW_WIDTH = 1024
+# Its [rows, chunk] buffers (logits and dp in fp32, p and dz in the inputs' dtype) stay under this, and
+# a chunk never spans more than half the vocabulary: nothing of size B x V is allocated.
+GEMM_BUFFER_BYTES = 256 << 20
+GEMM_CHUNK_ALIGN = 128
+# Elementwise kernels of the GEMM path: columns per step (row softmax), columns x rows per program (grad).
+GEMM_SOFTMAX_BLOCK = 1024
+GEMM_GRAD_BLOCK_C = 64
+GEMM_GRAD_ROWS = 64
 
 
 # Tile shapes per kernel, chosen from the AOT table (registers / spills / shared memory for sm_80 and
@@ -59,8 +79,8 @@ SUM_BLOCK_N = 256
 BLOCKS = {
     # forward: online softmax, accumulator in registers (reg) or in the L2 slice (chunked d_e)
     ("forward", 2, "small", "reg"): (16, 128, 4, 2),
-    ("forward", 2, "small", "mixed"): (16, 128, 4, 3),
-    ("forward", 2, "small", "chunked"): (16, 128, 4, 3),
+    ("forward", 2, "small", "mixed"): (16, 64, 4, 4),
+    ("forward", 2, "small", "chunked"): (16, 64, 4, 4),
     ("forward", 2, "large", "reg"): (64, 128, 8, 2),
     ("forward", 2, "large", "mixed"): (64, 128, 8, 3),
     ("forward", 2, "large", "chunked"): (64, 128, 8, 3),
@@ -72,8 +92,8 @@ BLOCKS = {
     ("forward", 4, "large", "chunked"): (16, 64, 8, 2),
     # dh kernel: logits, dp, dz per tile; dh in registers (d fits) or in the L2 slice
     ("backward_hidden", 2, "small", "reg"): (16, 128, 4, 2),
-    ("backward_hidden", 2, "small", "mixed"): (16, 64, 4, 3),
-    ("backward_hidden", 2, "small", "chunked"): (16, 128, 4, 3),
+    ("backward_hidden", 2, "small", "mixed"): (16, 64, 4, 4),
+    ("backward_hidden", 2, "small", "chunked"): (16, 64, 4, 4),
     ("backward_hidden", 2, "large", "reg"): (64, 32, 8, 2),
     ("backward_hidden", 2, "large", "mixed"): (64, 64, 8, 3),
     ("backward_hidden", 2, "large", "chunked"): (64, 64, 8, 3),
@@ -161,21 +181,23 @@ class OpConfig:
     backward_hidden: KernelConfig  # _backward_hidden_kernel (dh only), grid (row blocks, splits)
     backward_tiles: KernelConfig   # _backward_tiles_kernel, grid (splits,): every gradient of its tiles
     fold_backward: bool            # weight gradients and dh from one recomputation (backward_tiles with dh)
+    gemm_chunk: int = 0            # kind "gemm": vocabulary rows per backward chunk (0: the fused kernels run)
+    gemm_chunk_forward: int = 0    # kind "gemm": vocabulary rows per forward chunk (fewer buffers: larger)
 
 
-def _splits(tiles: int, row_blocks: int, num_sms: int, forced: int | None) -> tuple[int, int]:
+def _splits(tiles: int, row_blocks: int, num_sms: int, forced: int | None, per_sm: int) -> tuple[int, int]:
     """(num_splits, tiles_per_split) with no empty split: ``forced`` (clamped to the tile count), else
-    enough splits to give every SM PROGRAMS_PER_SM programs, each walking MIN_TILES_PER_SPLIT tiles or more."""
-    if forced is None:
-        wanted = _cdiv(PROGRAMS_PER_SM * num_sms, row_blocks)
-        forced = min(wanted, max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
-    splits = max(1, min(forced, tiles))
-    per = _cdiv(tiles, splits)
+    enough splits to give every SM ``per_sm`` programs, each walking about MIN_TILES_PER_SPLIT tiles or more."""
+    if forced is None:  # at least the wanted count (a split fewer would leave SMs idle)
+        wanted = min(_cdiv(per_sm * num_sms, row_blocks), max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
+        per = max(1, tiles // wanted)
+    else:  # at most the forced count
+        per = _cdiv(tiles, max(1, min(forced, tiles)))
     return _cdiv(tiles, per), per
 
 
-def _kernel(d, de, block_m, block_v, tiles, row_blocks, num_sms, forced, num_warps, num_stages):
-    splits, per = _splits(tiles, row_blocks, num_sms, forced)
+def _kernel(d, de, block_m, block_v, tiles, row_blocks, num_sms, forced, num_warps, num_stages, per_sm):
+    splits, per = _splits(tiles, row_blocks, num_sms, forced, per_sm)
     return KernelConfig(d=d, d_embed=de, block_m=block_m, block_v=block_v, block_d=feature_block(d),
                         block_de=feature_block(de), num_splits=splits, tiles_per_split=per,
                         num_warps=num_warps, num_stages=num_stages)
@@ -226,8 +248,10 @@ def choose_config(rows: int, vocab: int, d: int, d_embed: int, dtype: torch.dtyp
     else:
         forced = forced_bh = num_splits
         row_group, sms = rows, num_sms
-    forward = _kernel(d, d_embed, fwd_m, fwd_v, tiles, _cdiv(row_group, fwd_m), sms, forced, fwd_w, fwd_s)
-    backward_hidden = _kernel(d, d_embed, bh_m, bh_v, tiles_bh, _cdiv(row_group, bh_m), sms, forced_bh, bh_w, bh_s)
+    per_sm = PROGRAMS_PER_SM if mode == "reg" else PROGRAMS_PER_SM_CHUNKED
+    forward = _kernel(d, d_embed, fwd_m, fwd_v, tiles, _cdiv(row_group, fwd_m), sms, forced, fwd_w, fwd_s, per_sm)
+    backward_hidden = _kernel(d, d_embed, bh_m, bh_v, tiles_bh, _cdiv(row_group, bh_m), sms, forced_bh, bh_w, bh_s,
+                              per_sm)
 
     # Folding dh into the tile kernel needs [splits, rows, d] fp32 partials: only while they stay
     # within the budget with at least a program per SM (or a split per tile); else separate kernels.
@@ -240,14 +264,29 @@ def choose_config(rows: int, vocab: int, d: int, d_embed: int, dtype: torch.dtyp
     else:
         cap = WORKSPACE_BUDGET_BYTES // (rows * d * 4)
         fold = cap >= min(num_sms, tiles_t)
-        tiles_forced = min(PROGRAMS_PER_SM * num_sms, max(1, tiles_t // MIN_TILES_PER_SPLIT), cap)
+        tiles_forced = None if cap >= per_sm * num_sms else max(1, cap)  # automatic unless the budget binds
         if not fold:  # the tile kernel then needs no partials: one tile per program
             tiles_forced = tiles_t
-    backward_tiles = _kernel(d, d_embed, bt_m, bt_v, tiles_t, 1, sms, max(1, tiles_forced), bt_w, bt_s)
+    backward_tiles = _kernel(d, d_embed, bt_m, bt_v, tiles_t, 1, sms, tiles_forced, bt_w, bt_s, per_sm)
     kind = "decode" if forward.num_splits > 1 else "general"
+    chunk = chunk_forward = 0
+    min_rows = GEMM_MIN_ROWS_NARROW if max(d, d_embed) <= NARROW_WIDTH else GEMM_MIN_ROWS
+    if not batch_invariant and num_splits is None and rows >= min_rows and mode != "reg":
+        kind, chunk = "gemm", gemm_chunk(rows, vocab, 8 + 2 * size)
+        chunk_forward = gemm_chunk(rows, vocab, 4 + size)
     return OpConfig(kind=kind, rows=rows, vocab=vocab, d=d, d_embed=d_embed, dtype=dtype,
                     batch_invariant=batch_invariant, row_group=row_group, forward=forward,
-                    backward_hidden=backward_hidden, backward_tiles=backward_tiles, fold_backward=fold)
+                    backward_hidden=backward_hidden, backward_tiles=backward_tiles, fold_backward=fold,
+                    gemm_chunk=chunk, gemm_chunk_forward=chunk_forward)
+
+
+def gemm_chunk(rows: int, vocab: int, bytes_per_element: int) -> int:
+    """Vocabulary rows per chunk of the GEMM path: its [rows, chunk] buffers (``bytes_per_element``: fp32
+    logits + p forward; fp32 logits and dp + p and dz backward) within GEMM_BUFFER_BYTES, at most half
+    the vocabulary, a multiple of GEMM_CHUNK_ALIGN."""
+    fit = GEMM_BUFFER_BYTES // (rows * bytes_per_element)
+    half = _cdiv(_cdiv(vocab, 2), GEMM_CHUNK_ALIGN) * GEMM_CHUNK_ALIGN
+    return max(GEMM_CHUNK_ALIGN, min(half, fit // GEMM_CHUNK_ALIGN * GEMM_CHUNK_ALIGN))
 
 
 def num_sms(device: torch.device) -> int:

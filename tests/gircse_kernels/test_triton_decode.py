@@ -11,24 +11,48 @@ from tests.gircse_kernels.op_cases import Case, make_inputs
 H100_SMS = 132
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 33, 64])
-def test_small_batches_get_split_v_filling_the_gpu(rows):
-    cfg = choose_config(rows, 49152, 576, 576, torch.bfloat16, H100_SMS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("d", [96, 576])
+def test_small_batches_get_split_v_filling_the_gpu(rows, d):
+    cfg = choose_config(rows, 49152, d, d, torch.bfloat16, H100_SMS)
     fwd = cfg.forward
     programs = fwd.row_blocks(rows) * fwd.num_splits
-    assert cfg.kind == "decode"
-    assert fwd.block_m == (16 if rows <= 16 else 64)
-    assert programs >= H100_SMS  # every SM has work although there are 1..4 row blocks
+    assert cfg.kind == "decode" and fwd.block_m == 16
+    assert programs >= H100_SMS  # every SM has work although there is one row block
     assert cfg.backward_tiles.num_splits >= H100_SMS  # the fused backward fills the GPU from its splits alone
 
 
+@pytest.mark.parametrize("rows", [33, 64])
+def test_register_widths_keep_the_fused_kernels_at_any_batch(rows):
+    cfg = choose_config(rows, 49152, 96, 96, torch.bfloat16, H100_SMS)
+    assert cfg.kind == "decode" and cfg.forward.block_m == 64
+    assert cfg.forward.row_blocks(rows) * cfg.forward.num_splits >= H100_SMS
+
+
+@pytest.mark.parametrize("rows", [17, 512, 4096, 65536])
+def test_larger_batches_at_real_widths_take_the_gemm_path(rows):
+    """B > 16 with d or d_e walked in chunks (B >= 64 up to d = 1024): vocabulary-chunked GEMMs, buffers
+    bounded, never [B, V]."""
+    from gircse_kernels.triton_config import GEMM_BUFFER_BYTES
+
+    cfg = choose_config(rows, 49152, 3584, 3584, torch.bfloat16, H100_SMS)
+    assert cfg.kind == "gemm"
+    assert cfg.gemm_chunk == 24576 or rows > 17  # small batches: two chunks (half the vocabulary each)
+    assert cfg.gemm_chunk <= 49152 // 2 and cfg.gemm_chunk % 128 == 0
+    assert rows * cfg.gemm_chunk * 12 <= GEMM_BUFFER_BYTES or cfg.gemm_chunk == 128
+    # batch-invariant mode and forced split counts stay on the fused kernels
+    assert choose_config(rows, 49152, 3584, 3584, torch.bfloat16, H100_SMS, batch_invariant=True).kind == "decode"
+    assert choose_config(rows, 49152, 3584, 3584, torch.bfloat16, H100_SMS, num_splits=3).kind != "gemm"
+    narrow = choose_config(rows, 49152, 576, 576, torch.bfloat16, H100_SMS)
+    assert narrow.kind == ("gemm" if rows >= 64 else "decode")
+
+
 def test_large_batches_use_the_general_configuration():
-    cfg = choose_config(65536, 49152, 576, 576, torch.bfloat16, H100_SMS)
+    cfg = choose_config(65536, 49152, 96, 96, torch.bfloat16, H100_SMS)
     assert cfg.kind == "general" and cfg.forward.num_splits == 1 and cfg.forward.block_m == 64
     assert not cfg.fold_backward  # dh partials per split would not fit: separate dh and weight kernels
     assert cfg.backward_tiles.tiles_per_split == 1
-    # fp32 blocks stay at 32 rows (shared memory on sm_80)
-    assert choose_config(65536, 49152, 576, 576, torch.float32, H100_SMS).forward.block_m == 32
+    assert choose_config(65536, 49152, 96, 96, torch.float32, H100_SMS).forward.block_m == 16
 
 
 @pytest.mark.parametrize("rows,vocab,sms,forced", [

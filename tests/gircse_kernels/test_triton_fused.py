@@ -218,8 +218,8 @@ def test_grad_filter_error_within_documented_bound():
 
 
 class _AllocationRecorder(TorchDispatchMode):
-    """Records the element count of every tensor any ATen op creates (the backends' only allocator;
-    the interpreter's host copies of the arguments show up too, as byte views of their storages)."""
+    """Records the element count of every tensor any ATen op creates (the backends' only allocator),
+    except the interpreter's host copies of kernel arguments (uint8 views of their storages)."""
 
     def __init__(self):
         super().__init__()
@@ -228,15 +228,17 @@ class _AllocationRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8:  # uint8: the interpreter's byte views
                 self.sizes.append((t.numel(), str(func)))
         return out
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
-def test_nothing_of_size_batch_times_vocab_is_allocated(backend):
-    # Legitimate buffers: dW / dE / weights' byte views (<= 4*V*d = V*32 elements), torch chunks [B, V/4].
-    rows, vocab, d = 64, 16384, 8
+@pytest.mark.parametrize("backend,rows,d", [("triton", 64, 8), ("triton", 256, 200), ("torch", 64, 8),
+                                            ("reference", 64, 8)])
+def test_nothing_of_size_batch_times_vocab_is_allocated(backend, rows, d):
+    # Legitimate buffers: dW / dE (V*d < B*V here), torch chunks [B, V/4], the GEMM path's
+    # [B, chunk <= V/2] buffers (d = 200 takes that path).
+    vocab = 16384
     limit = rows * vocab
     h, w, e, b = make_inputs(Case(lead=(rows,), vocab=vocab, d=d, bias=True), DEVICE, requires_grad=True)
     fn = reference.soft_token_embedding if backend == "reference" else functools.partial(
@@ -255,3 +257,34 @@ def test_nothing_of_size_batch_times_vocab_is_allocated(backend):
 @pytest.mark.parametrize("tied", [False, True])
 def test_fully_masked_rows_behave_like_torch_softmax(dtype, tied):
     check_fully_masked(op, device=DEVICE, dtype=dtype, tied=tied)
+
+
+GEMM_CASES = [  # B >= 64 up to d = 1024, B >= 17 above
+    Case(lead=(64,), vocab=1000, d=200, d_embed=150, dtype=torch.bfloat16, bias=True, mask="tail"),
+    Case(lead=(65,), vocab=777, d=576, dtype=torch.float16, tied=True, softcap=5.0, logit_scale=20.0),
+    Case(lead=(17,), vocab=301, d=96, d_embed=1100, temperature=0.5, mask="sparse"),
+    Case(lead=(8, 9), vocab=2000, d=576, dtype=torch.bfloat16, tied=True, mask="head"),
+]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES, ids=str)
+def test_gemm_path_matches_reference(case):
+    """B > 16 at chunked widths takes the vocabulary-chunked GEMM path: same oracle, fwd and every grad."""
+    from gircse_kernels import triton_fused
+
+    h, w, e, _ = make_inputs(case, DEVICE)
+    assert triton_fused.config_for(h.reshape(-1, case.d), w, e).kind == "gemm"
+    check_forward(op, case, device=DEVICE)
+    check_backward(op, case, device=DEVICE)
+
+
+def test_gemm_path_fully_masked_rows_are_nan():
+    from gircse_kernels import triton_fused
+
+    case = Case(lead=(64,), vocab=500, d=200, mask="all")
+    h, w, e, b = make_inputs(case, DEVICE, requires_grad=True)
+    assert triton_fused.config_for(h.detach(), w, e).kind == "gemm"
+    out = op(h, w, e, b)
+    assert torch.isnan(out).all()
+    grads = torch.autograd.grad(out, (h, w, e, b), torch.randn_like(out))
+    assert all(torch.isnan(g).all() for g in grads)
