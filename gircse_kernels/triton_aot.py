@@ -177,9 +177,10 @@ def audit_barriers(ttgir: str) -> list[str]:
     Pointer provenance is followed through splat / addptr / broadcast / layout conversions and loop
     iter_args. For a store inside loops L0 (innermost) ... Lk: the rest of L0's body, then for each
     enclosing loop its remaining body, its wrap-around to the start of its body (the next iteration)
-    and the code after it must each meet a barrier before any load of that argument. L0's own back
-    edge is exempt: our innermost loops walk disjoint chunks (``_rmw_product``, ``_fill_rows``) or
-    disjoint row blocks. Returns human-readable violations (empty: clean).
+    and the code after it must each meet a barrier before any load of that argument. L0 itself is
+    exempt -- its later iterations and the next-chunk loads the software pipeliner moves after the
+    store: our innermost loops walk disjoint chunks (``_rmw_product``, ``_fill_rows``) or disjoint
+    row blocks. Returns human-readable violations (empty: clean).
     """
     lines = ttgir.splitlines()
     origin: dict[str, set] = {}
@@ -227,7 +228,7 @@ def audit_barriers(ttgir: str) -> list[str]:
         segments = []  # (lo, hi) ranges every continuation of the store passes through, in order
         if enclosing:
             inner = enclosing[0]
-            segments.append(("after", line + 1, inner[1]))
+            segments.append(("inner", line + 1, inner[1]))
             prev_end = inner[1]
             for loop in enclosing[1:]:
                 segments.append(("after", prev_end + 1, loop[1]))
@@ -237,6 +238,10 @@ def audit_barriers(ttgir: str) -> list[str]:
         else:
             segments.append(("after", line + 1, end))
         for label, lo, hi in segments:
+            if label == "inner":  # the rest of the store's own chunk walk: only a barrier matters here
+                if any(kind == "barrier" and lo <= at < hi for at, kind, _ in events):
+                    break
+                continue
             hit = first(arg, lo, hi)
             if hit == "barrier" and label == "after":
                 break  # every continuation passes this barrier
@@ -296,8 +301,9 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
 
 def config_label(launch) -> str:
     c = launch.constexprs
-    if "BLOCK_M" not in c:
-        return f"S{c['BLOCK_S']} DE{c['BLOCK_DE']} w{launch.num_warps}"
+    if "BLOCK_M" not in c:  # the shape-independent kernels: their block constants
+        blocks = " ".join(f"{k[6:]}{v}" for k, v in c.items() if k.startswith("BLOCK_"))
+        return f"{blocks} w{launch.num_warps}"
     return (f"M{c['BLOCK_M']} V{c['BLOCK_V']} D{c['BLOCK_D']}{'' if c['SINGLE_D'] else '*'} "
             f"DE{c['BLOCK_DE']}{'' if c['ACC_IN_REGS'] else '*'} w{launch.num_warps} s{launch.num_stages}")
 

@@ -92,8 +92,8 @@ BLOCKS = {
     ("forward", 4, "large", "chunked"): (16, 64, 8, 2),
     # dh kernel: logits, dp, dz per tile; dh in registers (d fits) or in the L2 slice
     ("backward_hidden", 2, "small", "reg"): (16, 128, 4, 2),
-    ("backward_hidden", 2, "small", "mixed"): (16, 64, 4, 4),
-    ("backward_hidden", 2, "small", "chunked"): (16, 64, 4, 4),
+    ("backward_hidden", 2, "small", "mixed"): (16, 64, 8, 3),
+    ("backward_hidden", 2, "small", "chunked"): (16, 64, 8, 3),
     ("backward_hidden", 2, "large", "reg"): (64, 32, 8, 2),
     ("backward_hidden", 2, "large", "mixed"): (64, 64, 8, 3),
     ("backward_hidden", 2, "large", "chunked"): (64, 64, 8, 3),

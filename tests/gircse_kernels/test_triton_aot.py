@@ -11,12 +11,13 @@ import pytest
 
 pytest.importorskip("triton")
 
-ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_DEFAULT_FP_FUSION": "1"}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_DEFAULT_FP_FUSION": "1",
+       "PYTHONPATH": ROOT}
 
 
 def _run(args, timeout):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=timeout,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
 
 def test_every_kind_compiles_for_sm80_and_sm90(tmp_path):
@@ -84,12 +85,12 @@ GATE_SELF_TEST = textwrap.dedent('''
 
     # 3. the barrier audit flags a store reloaded by a later pass without a barrier, and not with one
     @triton.jit
-    def rmw(x_ptr, y_ptr, n, BARRIER: tl.constexpr):
+    def rmw(x_ptr, y_ptr, n, m, BARRIER: tl.constexpr):
         rows = tl.arange(0, 32)
         cols = tl.arange(0, 32)
         for step in range(0, n):
-            for c in range(0, 64, 32):
-                offs = rows[:, None] * 64 + (c + cols)[None, :]
+            for c in range(0, m, 32):  # chunks: each iteration its own columns
+                offs = rows[:, None] * m + (c + cols)[None, :]
                 prev = tl.load(x_ptr + offs)
                 upd = tl.dot(prev, tl.load(y_ptr + offs))
                 tl.store(x_ptr + tl.trans(offs), tl.trans(upd))
@@ -97,7 +98,8 @@ GATE_SELF_TEST = textwrap.dedent('''
                 tl.debug_barrier()
     for barrier in (False, True):
         compiled = triton.compile(
-            ASTSource(fn=rmw, signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BARRIER": "constexpr"},
+            ASTSource(fn=rmw, signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "m": "i32",
+                                         "BARRIER": "constexpr"},
                       constexprs={"BARRIER": barrier}), target=GPUTarget("cuda", 90, 32),
             options=dict(num_warps=4, num_stages=2))
         violations = aot.audit_barriers(compiled.asm["ttgir"])
@@ -106,10 +108,12 @@ GATE_SELF_TEST = textwrap.dedent('''
 ''')
 
 
-def test_the_gate_checks_can_fail():
+def test_the_gate_checks_can_fail(tmp_path):
     """The specialization matches the JIT's, and each check of the gate fails on a kernel that breaks it:
     a 16-bit kernel compiled with the interpreter's upcast has fp32 dot operands, and a read-modify-write
     loop without a barrier is flagged (the same loop with one is not)."""
-    res = _run(["-c", GATE_SELF_TEST], timeout=600)
+    script = tmp_path / "gate_self_test.py"  # @triton.jit needs its source in a file
+    script.write_text(GATE_SELF_TEST)
+    res = _run([str(script)], timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "gate self-test OK" in res.stdout
