@@ -9,7 +9,11 @@ B rows there are only ``ceil(B / block_m)`` row blocks; for cached decoding (B =
 to four programs on a GPU with 132 SMs. The op then costs one read of W and E (memory bound), so the
 vocabulary is cut into ``num_splits`` ranges processed by separate programs ("flash-decoding"), each
 writing a partial (max, sum, accumulator) that a combine kernel merges. For large B the row blocks
-alone fill the machine and the split count falls to 1 (the "general" configuration).
+alone fill the machine and the split count falls to 1 (the "general" configuration). Above 16 rows
+at chunked widths (64 rows up to d = 1024) the op takes the vocabulary-chunked GEMM path instead
+("gemm", see ``triton_fused._gemm_forward``): there the fused kernels' per-tile fp32 slices outgrow L2.
+Every number here traces to ``bench/results/gpu_roofline.md`` (the model) and
+``bench/results/triton_aot.md`` (registers / spills / shared memory), not to a GPU measurement.
 
 Batch invariance (``batch_invariant=True``): a row's result depends only on the tile shapes, the
 split boundaries and the order of the reductions, so in this mode all of them are a function of
@@ -188,9 +192,9 @@ class OpConfig:
 def _splits(tiles: int, row_blocks: int, num_sms: int, forced: int | None, per_sm: int) -> tuple[int, int]:
     """(num_splits, tiles_per_split) with no empty split: ``forced`` (clamped to the tile count), else
     enough splits to give every SM ``per_sm`` programs, each walking about MIN_TILES_PER_SPLIT tiles or more."""
-    if forced is None:  # at least the wanted count (a split fewer would leave SMs idle)
+    if forced is None:  # the nearest whole number of tiles per split to the wanted count
         wanted = min(_cdiv(per_sm * num_sms, row_blocks), max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
-        per = max(1, tiles // wanted)
+        per = max(1, round(tiles / wanted))
     else:  # at most the forced count
         per = _cdiv(tiles, max(1, min(forced, tiles)))
     return _cdiv(tiles, per), per

@@ -15,6 +15,17 @@ Kernels (tile shapes and split counts come from ``triton_config.choose_config``)
         deterministic); with ``NEED_H`` it also emits the dh partials from the same recomputed
         logits and dp ("folded": 5 GEMM-equivalents for the full backward instead of 7).
 
+    ``_sum_splits_kernel``        grid (rows, d blocks): the dh partials summed in split order (a
+        fixed order whatever B is: batch-invariant) and cast to the hidden's dtype.
+
+The vocabulary-chunked GEMM path (``OpConfig.kind == "gemm"``: B > 16 at chunked widths, B >= 64 up
+to d = 1024; see ``triton_config``): per chunk of the vocabulary, cuBLAS computes z = h W_c^T and
+dp = dO E_c^T with fp32 results, ``_chunk_softmax_kernel`` / ``_chunk_grad_kernel`` turn them into p
+and dz (the online-softmax update and the bias gradient), and cuBLAS applies p E_c, dz W_c, dz^T h,
+p^T dO. The [B, chunk] buffers are bounded (``GEMM_BUFFER_BYTES``, at most half the vocabulary). It
+reads W and E once per pass at the tensor-core rate; its weakness is the fp32 accumulator rescale
+between chunks and, for W re-read by a later GEMM of the same chunk, L2 capacity (see roofline).
+
 Large d. When d (or d_e) fits one block of <= 128 (padded) the hidden rows, W tiles and the
 accumulator live in registers: the classic one-pass online softmax. Real widths (576, 896, 3584,
 4096) do not fit: logits are accumulated over d in 64-wide chunks, and a [BLOCK_M, d_e] accumulator
