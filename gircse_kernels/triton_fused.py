@@ -147,21 +147,31 @@ def _fill_rows(out_ptr, out_rows, out_mask, N, value, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _dot_rows_chunked(acc, a_ptr, a_rows, a_mask, stride_a, b_ptr, b_rows, b_mask, stride_br, stride_bc, N,
+                      BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + A[a_rows, :N] @ B[b_rows, :N]^T`` over N in BLOCK_N chunks (A: unit last stride; B: any
+    strides). Reads the B rows once (a W / E tile: the bytes that matter) and the A chunks from L1/L2."""
+    for k in range(0, N, BLOCK_N):
+        cols = k + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        a = _load_tile(a_ptr, a_rows, a_mask, stride_a, cols, col_mask, 1)
+        b = _load_tile(b_ptr, b_rows, b_mask, stride_br, cols, col_mask, stride_bc)
+        acc = _dot(a, tl.trans(b), acc, UPCAST, IEEE)
+    return acc
+
+
+@triton.jit
 def _raw_logits(h, w, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, rows, row_mask, vocab_rows, vocab_mask, D,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """h W^T for one [BLOCK_M, BLOCK_V] tile: from the register tiles ``h``, ``w`` when d fits one
-    block, else over d in BLOCK_D chunks (reads the tile's W rows once, the hidden chunks from L1/L2)."""
+    block, else over d in BLOCK_D chunks."""
     s = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
     if SINGLE_D:
         s = _dot(h, tl.trans(w), s, UPCAST, IEEE)
     else:
-        for k in range(0, D, BLOCK_D):
-            dk = k + tl.arange(0, BLOCK_D)
-            d_mask = dk < D
-            hk = _load_tile(h_ptr, rows, row_mask, stride_h, dk, d_mask, 1)
-            wk = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, dk, d_mask, stride_wd)
-            s = _dot(hk, tl.trans(wk), s, UPCAST, IEEE)
+        s = _dot_rows_chunked(s, h_ptr, rows, row_mask, stride_h, w_ptr, vocab_rows, vocab_mask, stride_wv,
+                              stride_wd, D, BLOCK_D, UPCAST, IEEE)
     return s
 
 
@@ -175,6 +185,43 @@ def _finish_logits(s, b_ptr, vocab_rows, vocab_mask, inv_temperature, softcap,
     if HAS_SOFTCAP:
         z = softcap * _tanh(z / softcap)
     return tl.where(vocab_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _row_block(h_ptr, g_ptr, lse_ptr, delta_ptr, rows, row_mask, stride_h, stride_g, D, DE,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr,
+               SINGLE_D: tl.constexpr, ACC_IN_REGS: tl.constexpr):
+    """A row block's backward inputs: lse, delta, and the hidden / dO register tiles where they fit."""
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
+    d_all = tl.arange(0, BLOCK_D)
+    de_all = tl.arange(0, BLOCK_DE)
+    h = tl.zeros([BLOCK_M, BLOCK_D], dtype=h_ptr.dtype.element_ty)
+    g = tl.zeros([BLOCK_M, BLOCK_DE], dtype=g_ptr.dtype.element_ty)
+    if SINGLE_D:
+        h = _load_tile(h_ptr, rows, row_mask, stride_h, d_all, d_all < D, 1)
+    if ACC_IN_REGS:
+        g = _load_tile(g_ptr, rows, row_mask, stride_g, de_all, de_all < DE, 1)
+    return lse, delta, h, g
+
+
+@triton.jit
+def _vocab_tile(w_ptr, e_ptr, vocab_rows, vocab_mask, stride_wv, stride_wd, stride_ev, stride_ed, D, DE,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr, SINGLE_D: tl.constexpr,
+                ACC_IN_REGS: tl.constexpr, TIED: tl.constexpr):
+    """The W and E register tiles of a vocabulary tile where they fit (tied: the W tile is the E tile)."""
+    d_all = tl.arange(0, BLOCK_D)
+    de_all = tl.arange(0, BLOCK_DE)
+    w = tl.zeros([BLOCK_V, BLOCK_D], dtype=w_ptr.dtype.element_ty)
+    values = tl.zeros([BLOCK_V, BLOCK_DE], dtype=e_ptr.dtype.element_ty)
+    if SINGLE_D:
+        w = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, d_all, d_all < D, stride_wd)
+    if ACC_IN_REGS:
+        if TIED and SINGLE_D:
+            values = w
+        else:
+            values = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de_all, de_all < DE, stride_ed)
+    return w, values
 
 
 @triton.jit
@@ -199,17 +246,19 @@ def _probs_and_grad(h, w, values, g, h_ptr, stride_h, w_ptr, stride_wv, stride_w
     if ACC_IN_REGS:
         dp = _dot(g, tl.trans(values), dp, UPCAST, IEEE)
     else:
-        for c in range(0, DE, BLOCK_DE):
-            de = c + tl.arange(0, BLOCK_DE)
-            de_mask = de < DE
-            g_chunk = _load_tile(g_ptr, rows, row_mask, stride_g, de, de_mask, 1)
-            e_chunk = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de, de_mask, stride_ed)
-            dp = _dot(g_chunk, tl.trans(e_chunk), dp, UPCAST, IEEE)
+        dp = _dot_rows_chunked(dp, g_ptr, rows, row_mask, stride_g, e_ptr, vocab_rows, vocab_mask, stride_ev,
+                               stride_ed, DE, BLOCK_DE, UPCAST, IEEE)
+    return p, _raw_logit_grad(p, dp, delta, z, vocab_mask, inv_temperature, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _raw_logit_grad(p, dp, delta, z, vocab_mask, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d raw logit (before temperature and softcap) from p, dp = dO E^T and delta = <dO, O>."""
     dz = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         t = tl.where(vocab_mask[None, :], z, 0.0) / softcap  # z = c tanh(.): tanh' = 1 - (z / c)^2
         dz = dz * (1.0 - t * t)
-    return p, dz * inv_temperature
+    return dz * inv_temperature
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,15 +394,8 @@ def _backward_hidden_kernel(
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
     d_all = tl.arange(0, BLOCK_D)
-    de_all = tl.arange(0, BLOCK_DE)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
-    h = tl.zeros([BLOCK_M, BLOCK_D], dtype=h_ptr.dtype.element_ty)
-    g = tl.zeros([BLOCK_M, BLOCK_DE], dtype=g_ptr.dtype.element_ty)
-    if SINGLE_D:
-        h = _load_tile(h_ptr, rows, row_mask, stride_h, d_all, d_all < D, 1)
-    if ACC_IN_REGS:
-        g = _load_tile(g_ptr, rows, row_mask, stride_g, de_all, de_all < DE, 1)
+    lse, delta, h, g = _row_block(h_ptr, g_ptr, lse_ptr, delta_ptr, rows, row_mask, stride_h, stride_g, D, DE,
+                                  BLOCK_M, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS)
     ws_rows = (split * B + rows).to(tl.int64)
     dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if not SINGLE_D:  # the partial lives in the slice: start it at zero (tiles may be filtered out)
@@ -362,15 +404,8 @@ def _backward_hidden_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         vocab_rows = v0 + tl.arange(0, BLOCK_V)
         vocab_mask = vocab_rows < v_end
-        w = tl.zeros([BLOCK_V, BLOCK_D], dtype=w_ptr.dtype.element_ty)
-        values = tl.zeros([BLOCK_V, BLOCK_DE], dtype=e_ptr.dtype.element_ty)
-        if SINGLE_D:
-            w = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, d_all, d_all < D, stride_wd)
-        if ACC_IN_REGS:
-            if TIED and SINGLE_D:
-                values = w
-            else:
-                values = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de_all, de_all < DE, stride_ed)
+        w, values = _vocab_tile(w_ptr, e_ptr, vocab_rows, vocab_mask, stride_wv, stride_wd, stride_ev, stride_ed,
+                                D, DE, BLOCK_V, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS, TIED)
         p, dz = _probs_and_grad(
             h, w, values, g, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, e_ptr, stride_ev, stride_ed, b_ptr,
             g_ptr, stride_g, lse, delta, rows, row_mask, vocab_rows, vocab_mask, D, DE, inv_temperature, softcap,
@@ -427,15 +462,8 @@ def _backward_tiles_kernel(
         vocab_rows = t * BLOCK_V + tl.arange(0, BLOCK_V)
         vocab_mask = vocab_rows < V
         v_rows64 = vocab_rows.to(tl.int64)
-        w = tl.zeros([BLOCK_V, BLOCK_D], dtype=w_ptr.dtype.element_ty)
-        values = tl.zeros([BLOCK_V, BLOCK_DE], dtype=e_ptr.dtype.element_ty)
-        if SINGLE_D:
-            w = _load_tile(w_ptr, vocab_rows, vocab_mask, stride_wv, d_all, d_all < D, stride_wd)
-        if ACC_IN_REGS:
-            if TIED and SINGLE_D:
-                values = w
-            else:
-                values = _load_tile(e_ptr, vocab_rows, vocab_mask, stride_ev, de_all, de_all < DE, stride_ed)
+        w, values = _vocab_tile(w_ptr, e_ptr, vocab_rows, vocab_mask, stride_wv, stride_wd, stride_ev, stride_ed,
+                                D, DE, BLOCK_V, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS, TIED)
         dw = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
         dem = tl.zeros([BLOCK_V, BLOCK_DE], dtype=tl.float32)
         db = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -443,14 +471,8 @@ def _backward_tiles_kernel(
         for m0 in range(0, B, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_mask = rows < B
-            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-            delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
-            h = tl.zeros([BLOCK_M, BLOCK_D], dtype=h_ptr.dtype.element_ty)
-            g = tl.zeros([BLOCK_M, BLOCK_DE], dtype=g_ptr.dtype.element_ty)
-            if SINGLE_D:
-                h = _load_tile(h_ptr, rows, row_mask, stride_h, d_all, d_all < D, 1)
-            if ACC_IN_REGS:
-                g = _load_tile(g_ptr, rows, row_mask, stride_g, de_all, de_all < DE, 1)
+            lse, delta, h, g = _row_block(h_ptr, g_ptr, lse_ptr, delta_ptr, rows, row_mask, stride_h, stride_g, D, DE,
+                                          BLOCK_M, BLOCK_D, BLOCK_DE, SINGLE_D, ACC_IN_REGS)
             p, dz = _probs_and_grad(
                 h, w, values, g, h_ptr, stride_h, w_ptr, stride_wv, stride_wd, e_ptr, stride_ev, stride_ed, b_ptr,
                 g_ptr, stride_g, lse, delta, rows, row_mask, vocab_rows, vocab_mask, D, DE, inv_temperature,
@@ -591,11 +613,7 @@ def _chunk_grad_kernel(z_ptr, dp_ptr, b_ptr, lse_ptr, delta_ptr, p_ptr, dz_ptr, 
     delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
     p = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)
     dp = tl.load(dp_ptr + r64 * stride_dp + cols[None, :], mask=mask, other=0.0)
-    dz = p * (dp - delta[:, None])
-    if HAS_SOFTCAP:
-        t = tl.where(col_mask[None, :], z, 0.0) / softcap
-        dz = dz * (1.0 - t * t)
-    dz = dz * inv_temperature
+    dz = _raw_logit_grad(p, dp, delta, z, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
     tl.store(p_ptr + r64 * stride_p + cols[None, :], p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(dz_ptr + r64 * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
     if NEED_B:
