@@ -6,6 +6,8 @@ network): one command, under 8 minutes on an H200 including Triton compilation, 
 
     PYTHONPATH=. GIRCSE_NO_EXTENSION=1 python3 bench/gpu_check.py --out DIR
 
+0. the Triton kernels of every call below compiled ahead in parallel processes (the JIT would compile
+   them one by one on first use), into Triton's cache, with the JIT's exact specialization;
 1. environment and calibration: GPU, SMs, L2; measured HBM copy bandwidth, L2 bandwidth (a copy that
    fits in L2) and the bf16 GEMM rate -- the machine model of ``gircse_kernels.roofline``;
 2. correctness at the real LM-head shapes (SmolLM2-135M 49152x576 tied, Qwen2.5-0.5B 151936x896 tied,
@@ -60,8 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", help="subset of the model shapes (default: all)")
     parser.add_argument("--batches", type=int, nargs="+", help="subset of the batch sizes")
     parser.add_argument("--sections", nargs="+",
-                        default=["calibration", "correctness", "graphs", "timings", "sweep"],
-                        choices=["calibration", "correctness", "graphs", "timings", "sweep"])
+                        default=["precompile", "calibration", "correctness", "graphs", "timings", "sweep"],
+                        choices=["precompile", "calibration", "correctness", "graphs", "timings", "sweep"])
     args = parser.parse_args(argv)
     if args.device == "cpu":
         args.small = True
@@ -134,6 +136,105 @@ def make_inputs(vocab, d, de, dtype, device, *, rows, tied, bias, mask=None, see
     if tied:
         out[2] = out[1]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. parallel precompilation (the JIT compiles serially, on first use)
+# ----------------------------------------------------------------------------------------------
+def planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms, upcast=False):
+    """The Triton launches one call of the op makes (meta tensors; the GEMM path's per-chunk kernels
+    included), so their exact JIT specializations can be compiled ahead, in parallel."""
+    import torch
+
+    from gircse_kernels import triton_fused as tf
+
+    dtype = getattr(torch, dtype_name)
+    meta = dict(dtype=dtype, device="meta")
+    f32 = dict(dtype=torch.float32, device="meta")
+    hidden, weight = torch.empty(rows, d, **meta), torch.empty(vocab, d, **meta)
+    embed = weight if tied else torch.empty(vocab, de, **meta)
+    lse, grad_out = torch.empty(rows, **f32), torch.empty(rows, de, **meta)
+    b = torch.empty(vocab, **meta) if bias else None
+    kw = dict(temperature=1.0, softcap=None)
+    cfg = tf.config_for(hidden, weight, embed, sms=sms)
+    if cfg.kind == "gemm":
+        chunk = cfg.gemm_chunk_forward if pass_name == "forward" else cfg.gemm_chunk
+        p = torch.empty(rows, chunk, **meta)
+        launches = []
+        for v0 in range(0, vocab, chunk):
+            n = min(chunk, vocab - v0)
+            z = torch.empty(rows, n, **f32)
+            if pass_name == "forward":
+                launches.append(tf.chunk_softmax_launch(z, b, p[:, :n], lse, lse, lse, v0, **kw))
+            else:
+                db_part = None if b is None or pass_name != "full-backward" else \
+                    torch.empty(-(-rows // tf.GEMM_GRAD_ROWS), chunk, **f32)[:, :n]
+                launches.append(tf.chunk_grad_launch(z, z, b, lse, lse, p[:, :n], p[:, :n], db_part, v0, **kw))
+        return launches
+    if pass_name == "forward":
+        return tf.forward_launches(hidden, weight, embed, b, torch.empty(rows, de, **f32), lse, tied=tied,
+                                   upcast=upcast, sms=sms, **kw)
+    full = pass_name == "full-backward"
+    return tf.backward_launches(grad_out, hidden, weight, embed, b, lse, lse, tied=tied, need_hidden=True,
+                                need_weight=full, need_embed=full, need_bias=full and bias,
+                                merge_tied_grads=full and tied, grad_filter_eps=0.0, upcast=upcast, sms=sms,
+                                **kw)[0]
+
+
+def _compile_planned(job):
+    """Worker: compile one planned launch for the device's target (fills Triton's on-disk cache)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gircse_kernels.triton_aot import jit_specialization
+
+    (*call, index), (backend, arch, warp) = job
+    launch = planned_launches(*call)[index]
+    signature, constexprs, attrs = jit_specialization(launch)
+    try:
+        triton.compile(ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget(backend, arch, warp),
+                       options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+        return None
+    except Exception as exc:  # the JIT will compile it on first use instead
+        return f"{launch.name}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def precompile(calls, target, sms, budget_s):
+    """Compile every distinct launch of ``calls`` ((pass, rows, V, d, d_e, tied, dtype, bias) tuples) in
+    parallel processes; returns (distinct kernels, failures, seconds)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from gircse_kernels.triton_aot import jit_specialization
+
+    start = time.perf_counter()
+    jobs, seen = [], set()
+    for call in calls:
+        for index, launch in enumerate(planned_launches(*call, sms)):
+            sig, const, attrs = jit_specialization(launch)
+            key = (launch.name, str(sig), str(sorted(map(str, const.items()))), str(attrs), launch.num_warps,
+                   launch.num_stages)
+            if key not in seen:
+                seen.add(key)
+                jobs.append(((*call, sms, index), target))
+    failures = []
+    workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_compile_planned, job) for job in jobs]
+        for future in futures:
+            left = budget_s - (time.perf_counter() - start)
+            try:
+                error = future.result(timeout=max(left, 0.1))
+            except concurrent.futures.TimeoutError:
+                failures.append("precompile budget exhausted")
+                for f in futures:
+                    f.cancel()
+                break
+            if error:
+                failures.append(error)
+    return len(jobs), failures, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,6 +609,10 @@ def markdown(report) -> str:
              f"Command: `{report['command']}`; wall time {report['wall_s']:.0f} s (budget {report['budget_s']:.0f} s).",
              "", "## Environment", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
+    if report.get("precompile"):
+        pre = report["precompile"]
+        lines.append(f"- precompiled {pre['kernels']} kernels in parallel in {pre['seconds']:.0f} s"
+                     + (f" ({len(pre['failures'])} left to the JIT: {pre['failures'][:3]})" if pre["failures"] else ""))
     if calib:
         lines += ["", "## Calibration (measured)", "",
                   f"- HBM copy bandwidth: {calib['hbm_bytes_per_s'] / 1e12:.3g} TB/s (bytes read + written)",
@@ -575,6 +680,20 @@ def run(args) -> dict:
         raise SystemExit("gpu_check: no CUDA device (use --device cpu for the interpreter run)")
     report = dict(command=" ".join([os.path.basename(sys.argv[0]) or "gpu_check.py"] + (sys.argv[1:] or [])),
                   budget_s=args.budget_s, environment=environment(device), errors=[], skipped={})
+    if "precompile" in args.sections and device == "cuda":
+        import triton
+
+        active = triton.runtime.driver.active.get_current_target()
+        sms = report["environment"]["sms"]
+        calls = {(p, b, v, d, de, tied, "bfloat16", False) for v, d, de, tied in args.model_shapes.values()
+                 for b in args.batch_sizes for p in PASSES}
+        for name, rows, dtype, tied, mask, bias in correctness_cases(args.model_shapes, args.batch_sizes, args.small):
+            vocab, d, de, _ = args.model_shapes[name]
+            calls |= {(p, rows, vocab, d, d if tied else de, tied, str(dtype).replace("torch.", ""),
+                       bias or mask is not None) for p in ("forward", "full-backward")}
+        count, failures, seconds = precompile(sorted(calls), (active.backend, active.arch, active.warp_size), sms,
+                                              0.35 * args.budget_s)
+        report["precompile"] = dict(kernels=count, failures=failures, seconds=seconds)
     # Reserve time for the later sections so an early one cannot starve them.
     reserve = {"correctness": 0.55, "graphs": 0.5, "timings": 0.15, "sweep": 0.03}
     calib = None

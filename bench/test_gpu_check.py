@@ -88,3 +88,36 @@ def test_cpu_run_of_every_section(tmp_path):
     assert report["sweep"] and all("seconds" in s for s in report["sweep"])
     text = (tmp_path / "gpu_check.md").read_text()
     assert "## Correctness" in text and "## Timings" in text and "CUDA graphs need a GPU" in text
+
+
+@pytest.mark.parametrize("pass_name", gpu_check.PASSES)
+@pytest.mark.parametrize("rows,tied,bias", [(1, False, True), (64, True, False)])
+def test_precompile_plans_are_the_launches_that_run(pass_name, rows, tied, bias, monkeypatch):
+    """What the precompile section compiles is what a call launches: same kernels, grids, constexprs and
+    specialization (recorded from a real call under the interpreter; rows = 64 takes the GEMM path)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (no kernel runs: Launch.__call__ only records)
+    import torch
+
+    from gircse_kernels import triton_fused
+    from gircse_kernels.triton_aot import jit_specialization
+
+    vocab, d, de, _ = gpu_check.SMALL_MODELS["tiny-wide"]
+    de = d if tied else de
+    ran = []
+    monkeypatch.setattr(triton_fused.Launch, "__call__", lambda self: ran.append(self))
+    h, w, e, b = gpu_check.make_inputs(vocab, d, de, torch.float32, "cpu", rows=rows, tied=tied, bias=bias)
+    out, lse = torch.zeros(rows, de), torch.zeros(rows)
+    kw = dict(temperature=1.0, softcap=None, tied=tied)
+    if pass_name == "forward":
+        triton_fused.forward(h, w, e, b, **kw)
+    else:
+        full = pass_name == "full-backward"
+        triton_fused.backward(torch.zeros(rows, de), h, w, e, b, lse, lse, need_hidden=True, need_weight=full,
+                              need_embed=full, need_bias=full and bias, merge_tied_grads=full and tied, **kw)
+    planned = gpu_check.planned_launches(pass_name, rows, vocab, d, de, tied, "float32", bias, 4, upcast=True)
+
+    def key(launch):
+        sig, const, attrs = jit_specialization(launch)
+        return launch.name, launch.grid, sorted(map(str, const.items())), str(sig), str(attrs)
+
+    assert [key(x) for x in ran] == [key(x) for x in planned]

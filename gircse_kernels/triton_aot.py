@@ -118,35 +118,59 @@ def plan_launches(cfg: OpConfig, variant: str):
 
 
 def jit_specialization(launch, aligned: bool = True):
-    """(signature, constexprs, attrs) as Triton's JIT derives them from the launch's arguments.
+    """(signature, constexprs, attrs) for ``triton.compile``, exactly as Triton's JIT derives them from the
+    launch's arguments: its own binder and ``_pack_args`` (so the compiled kernel -- and Triton's cache
+    key -- is the JIT's; meta tensors specialize as 16-byte aligned, like the caching allocator's). Not
+    ``aligned``: the divisibility attributes are dropped (a tensor at an odd offset, odd widths). Falls
+    back to ``rule_specialization`` where the JIT's internals differ."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
 
-    Tensors: ``*<dtype>``, ``tt.divisibility=16`` when 16-byte aligned (``aligned``; the caching
-    allocator's tensors are). Integers: 1 becomes a constexpr, i32 / i64 by range, divisibility 16
-    when divisible by 16 (dropped when not ``aligned``: odd widths / offsets). Floats: fp32.
-    """
+        kernel = launch.kernel
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+        bound, spec, opts = binder(**launch.args, **launch.constexprs, **options)
+        _, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, spec, opts)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        signature, constexprs, attrs = rule_specialization(launch)
+    if not aligned:
+        attrs = {k: [a for a in v if a[0] != "tt.divisibility"] for k, v in attrs.items()}
+    return signature, constexprs, attrs
+
+
+def rule_specialization(launch):
+    """The JIT's specialization rule, written out: tensors ``*<dtype>`` with ``tt.divisibility=16`` (the
+    caching allocator aligns them), integers equal to 1 become constexprs, others i32 / i64 with
+    divisibility 16 when divisible by 16, floats fp32; attrs listed for every other parameter."""
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(launch.kernel.arg_names):
         if name in launch.constexprs:
             signature[name], constexprs[name] = "constexpr", launch.constexprs[name]
+            attrs[(index,)] = []
             continue
         value = launch.args[name]
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + dtype_name(value.dtype)
-            divisible = aligned
+            divisible = True
         elif isinstance(value, bool):
-            signature[name], divisible = "u1", False
+            signature[name] = "u1"
+            continue
         elif isinstance(value, int):
             if value == 1:
                 signature[name], constexprs[name] = "constexpr", 1
+                attrs[(index,)] = []
                 continue
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            divisible = aligned and value % 16 == 0
+            divisible = value % 16 == 0
         elif isinstance(value, float):
-            signature[name], divisible = "fp32", False
+            signature[name] = "fp32"
+            continue
         else:
             raise TypeError(f"{launch.name}: cannot specialize argument {name}={value!r}")
-        if divisible:
-            attrs[(index,)] = [["tt.divisibility", 16]]
+        attrs[(index,)] = [["tt.divisibility", 16]] if divisible else []
     return signature, constexprs, attrs
 
 

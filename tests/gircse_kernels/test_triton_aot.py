@@ -51,23 +51,25 @@ GATE_SELF_TEST = textwrap.dedent('''
     from triton.compiler import ASTSource
     from gircse_kernels import triton_aot as aot, triton_config as tc
 
-    # 1. the specialization rule is the JIT's own (where the JIT's binder is importable)
-    try:
-        from triton._C.libtriton import native_specialize_impl
-        from triton.backends.compiler import BaseBackend
-    except ImportError:
-        native_specialize_impl = None
-    if native_specialize_impl is not None:
-        class L: pass
-        for value in (1, 2, 16, 17, 48, 576, 3584, 152064, 2**31 + 16, 2**40 + 3):
-            launch = L(); launch.name = "x"; launch.constexprs = {}; launch.args = {"a": value}
-            launch.kernel = L(); launch.kernel.arg_names = ["a"]
-            sig, const, attrs = aot.jit_specialization(launch)
-            jit_type, jit_attr = native_specialize_impl(BaseBackend, value, False, True, True)
-            if jit_type == "constexpr":
-                assert sig["a"] == "constexpr" and const["a"] == value, (value, sig)
-            else:
-                assert (sig["a"], "D" if attrs else "") == (jit_type, jit_attr), (value, sig, attrs, jit_type, jit_attr)
+    # 1. the specialization is the JIT's own (its binder on the plan's arguments), and the written-out
+    #    rule used where the JIT's internals differ agrees with it on every attribute that matters
+    from gircse_kernels import triton_fused as tf
+    rows, vocab, d = 1, 4096, 576
+    cfg = tc.choose_config(rows, vocab, d, d, torch.bfloat16, 132)
+    h, w = torch.zeros(rows, d, dtype=torch.bfloat16), torch.zeros(vocab, d, dtype=torch.bfloat16)
+    out, lse = torch.zeros(rows, d), torch.zeros(rows)
+    for launch in tf.forward_plan(cfg, h, w, w, None, out, lse, temperature=0.7, softcap=None, tied=True,
+                                  upcast=False):
+        jit_sig, jit_const, jit_attrs = aot.jit_specialization(launch)
+        rule_sig, rule_const, rule_attrs = aot.rule_specialization(launch)
+        index = {name: i for i, name in enumerate(launch.kernel.arg_names)}
+        as_paths = lambda c: {(index[k],) if isinstance(k, str) else k: v for k, v in c.items()}
+        assert jit_sig == rule_sig, (launch.name, jit_sig, rule_sig)
+        assert as_paths(jit_const) == as_paths(rule_const), (launch.name, jit_const, rule_const)
+        nonempty = lambda a: {k: v for k, v in a.items() if v}
+        assert nonempty(jit_attrs) == nonempty(rule_attrs), (launch.name, jit_attrs, rule_attrs)
+        assert any(v for v in jit_attrs.values())  # aligned: divisibility attributes present
+        assert not any(v for v in aot.jit_specialization(launch, aligned=False)[2].values())
 
     # 2. a 16-bit kernel's dots keep 16-bit operands; the check catches the interpreter's upcast
     cfg = tc.choose_config(1, 49152, 64, 64, torch.bfloat16, 132)

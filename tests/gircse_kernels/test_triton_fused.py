@@ -233,12 +233,11 @@ class _AllocationRecorder(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend,rows,d", [("triton", 64, 8), ("triton", 256, 200), ("torch", 64, 8),
-                                            ("reference", 64, 8)])
-def test_nothing_of_size_batch_times_vocab_is_allocated(backend, rows, d):
+@pytest.mark.parametrize("backend,rows,vocab,d", [("triton", 64, 4096, 8), ("triton", 256, 4096, 200),
+                                                  ("torch", 64, 16384, 8), ("reference", 64, 4096, 8)])
+def test_nothing_of_size_batch_times_vocab_is_allocated(backend, rows, vocab, d):
     # Legitimate buffers: dW / dE (V*d < B*V here), torch chunks [B, V/4], the GEMM path's
     # [B, chunk <= V/2] buffers (d = 200 takes that path).
-    vocab = 16384
     limit = rows * vocab
     h, w, e, b = make_inputs(Case(lead=(rows,), vocab=vocab, d=d, bias=True), DEVICE, requires_grad=True)
     fn = reference.soft_token_embedding if backend == "reference" else functools.partial(
