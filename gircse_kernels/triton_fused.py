@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 
 import torch
 import triton
@@ -774,9 +775,21 @@ def _mm32(a, b):
     """``a @ b`` with an fp32 result. 16-bit CUDA inputs: cuBLAS accumulates in fp32 and returns the fp32
     result unrounded (``out_dtype``). fp32 inputs (and the CPU interpreter) multiply in fp32; on CUDA
     that follows ``torch.backends.cuda.matmul.allow_tf32`` like any fp32 matmul of the caller's."""
+    global _MM_OUT_DTYPE
     if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        if _MM_OUT_DTYPE:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE = False
+                warnings.warn("gircse_kernels: this PyTorch has no torch.mm(out_dtype=float32) for 16-bit CUDA "
+                              "inputs; the GEMM path's logits are rounded to the inputs' dtype (like the naive "
+                              "formula's)", RuntimeWarning, stacklevel=2)
+        return torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())
+
+
+_MM_OUT_DTYPE = True  # cleared (with a warning) if torch.mm(out_dtype=) is missing
 
 
 def _gemm_forward(cfg: OpConfig, hidden, lm_head_weight, embed_weight, lm_head_bias, out32, lse, *, temperature,
