@@ -28,7 +28,7 @@ def test_arguments(tmp_path):
 def test_budget_skips_sections_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "calibrate", lambda device, small: dict(hbm_bytes_per_s=1e11, l2_bytes_per_s=3e11,
                                                                            gemm_flops=1e12))
-    args = gpu_check.parse_args(["--out", str(tmp_path), "--device", "cpu", "--budget-s", "0.001"])
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--device", "cpu", "--budget-s", "1e-9"])
     report = gpu_check.run(args)
     assert report["correctness"] == [] and report["skipped"]["correctness"].startswith("budget")
     assert report["skipped"]["graphs"] == "CUDA graphs need a GPU"
@@ -36,7 +36,7 @@ def test_budget_skips_sections_and_says_so(tmp_path, monkeypatch):
     assert report["skipped"]["sweep"] == "budget"
     text = (tmp_path / "gpu_check.md").read_text()
     assert "skipped (budget)" in text and "skipped: budget" in text
-    assert json.loads((tmp_path / "gpu_check.json").read_text())["budget_s"] == 0.001
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["budget_s"] == 1e-9
 
 
 def test_calibrated_hardware_feeds_the_roofline():
