@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -281,7 +280,6 @@ def calibrate(device, small):
     n = 256 if small else 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     gemm = 2 * n**3 / timed(lambda: a @ a, device)
-    del src, dst, a
     return dict(hbm_bytes_per_s=hbm, l2_bytes_per_s=l2, gemm_flops=gemm)
 
 
@@ -495,7 +493,6 @@ def timing_rows(models, batches, device, hardware_model, hardware_measured, cloc
     import torch
 
     from gircse_kernels import roofline as rl
-    from gircse_kernels import soft_token_embedding
 
     rows_out = []
     for name, (vocab, d, de, tied) in models.items():
