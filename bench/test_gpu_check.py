@@ -1,0 +1,123 @@
+"""CPU-side checks of ``bench/gpu_check.py``: argument handling, the budget, report writing, and one full run
+of its logic on tiny shapes under the Triton interpreter (its timings mean nothing there)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import gpu_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_arguments(tmp_path):
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--device", "cpu"])
+    assert args.small and set(args.model_shapes) == set(gpu_check.SMALL_MODELS)
+    assert args.batch_sizes == gpu_check.SMALL_BATCHES
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--models", "Qwen2-7B", "--batches", "1", "512"])
+    assert not args.small and args.device == "cuda"
+    assert args.model_shapes == {"Qwen2-7B": (152064, 3584, 3584, False)} and args.batch_sizes == (1, 512)
+    assert gpu_check.parse_args(["--out", "x"]).batch_sizes == (1, 8, 32, 128, 512, 4096)
+    for bad in (["--models", "GPT-5"], ["--batches", "0"], ["--budget-s", "0"], ["--sections", "nope"], []):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args((["--out", "x"] if bad else []) + bad)
+
+
+def test_budget_skips_sections_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "calibrate", lambda device, small: dict(hbm_bytes_per_s=1e11, l2_bytes_per_s=3e11,
+                                                                           gemm_flops=1e12))
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--device", "cpu", "--budget-s", "1e-9"])
+    report = gpu_check.run(args)
+    assert report["correctness"] == [] and report["skipped"]["correctness"].startswith("budget")
+    assert report["skipped"]["graphs"] == "CUDA graphs need a GPU"
+    assert report["timings"] and all(r["skipped"] == "budget" for r in report["timings"])
+    assert report["skipped"]["sweep"] == "budget"
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "skipped (budget)" in text and "skipped: budget" in text
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["budget_s"] == 1e-9
+
+
+def test_calibrated_hardware_feeds_the_roofline():
+    from gircse_kernels import roofline
+
+    env = dict(gpu="NVIDIA H200", sms=132, l2_mib=60.0)
+    hw = gpu_check.calibrated_hardware(dict(hbm_bytes_per_s=4.0e12, l2_bytes_per_s=9e12, gemm_flops=700e12), env)
+    assert hw.hbm_bytes_per_s == 4.0e12 and hw.l2_bytes_per_s == 9e12 and hw.flops_16bit == 700e12
+    assert hw.l2_bytes == 60 << 20 and hw.num_sms == 132
+    slow = roofline.predict("forward", 1, 152064, 3584, 3584, hardware=hw)
+    fast = roofline.predict("forward", 1, 152064, 3584, 3584, hardware=roofline.H200)
+    assert slow.seconds > fast.seconds  # a slower measured HBM predicts a slower bandwidth-bound decode step
+
+
+def test_markdown_renders_every_section():
+    report = dict(command="gpu_check.py --out x", wall_s=12.0, budget_s=420.0, skipped={}, errors=["boom"],
+                  environment=dict(gpu="H200"), calibration=dict(hbm_bytes_per_s=4.3e12, l2_bytes_per_s=1e13,
+                                                                  gemm_flops=7.9e14),
+                  correctness=[dict(model="m", rows=1, dtype="bfloat16", tied=True, mask=None, path="decode", ok=True,
+                                    checks={"output": dict(error=1e-3, bound=2e-3, ok=True)}),
+                               dict(model="m", rows=2, dtype="float32", tied=False, mask="tail", ok=False,
+                                    error="RuntimeError: x")],
+                  graphs=[dict(name="op K-step loop", ok=True), dict(name="generation", ok=False, error="capture")],
+                  timings=[dict(model="m", rows=1, pass_name="forward", kind="decode", triton_s=1e-3, naive_s=2e-3,
+                                chunked_s=3e-3, sdpa_s=4e-3, sdpa_backend="flash_attention", hbm_fraction=0.8,
+                                tflops=1.5, model_s=9e-4, model_measured_hw_s=1e-3, ideal_s=8e-4),
+                           dict(model="m", rows=8, pass_name="forward", skipped="budget")],
+                  sweep=[dict(key=["forward", 2, "small", "chunked"], blocks=[16, 64, 4, 4], model="m", seconds=1e-3)])
+    text = gpu_check.markdown(report)
+    for needle in ("4.3 TB/s", "| m | 1 | bfloat16 | True | None | decode | output |", "FAILED", "replay equals eager",
+                   "FAILED: capture", "| 1.000 | 2.000 | 3.000 | 4.000 (flash_attention) | 80 |", "skipped (budget)",
+                   "(16, 64, 4, 4)", "boom"):
+        assert needle in text, needle
+
+
+def test_cpu_run_of_every_section(tmp_path):
+    """The whole script on tiny shapes under the interpreter: correctness passes, reports are written."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu",
+                          "--out", str(tmp_path), "--models", "tiny-wide", "--budget-s", "600"],
+                         capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] and report["correctness"] and all(c["ok"] for c in report["correctness"])
+    paths = {c["path"] for c in report["correctness"]}
+    assert {"decode", "gemm"} <= paths  # the fused kernels and the GEMM path were both checked
+    assert {r["pass_name"] for r in report["timings"]} == set(gpu_check.PASSES)
+    assert all(r["triton_s"] > 0 and r["model_s"] > 0 for r in report["timings"])
+    assert report["sweep"] and all("seconds" in s for s in report["sweep"])
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "## Correctness" in text and "## Timings" in text and "CUDA graphs need a GPU" in text
+
+
+@pytest.mark.parametrize("pass_name", gpu_check.PASSES)
+@pytest.mark.parametrize("rows,tied,bias", [(1, False, True), (64, True, False)])
+def test_precompile_plans_are_the_launches_that_run(pass_name, rows, tied, bias, monkeypatch):
+    """What the precompile section compiles is what a call launches: same kernels, grids, constexprs and
+    specialization (recorded from a real call under the interpreter; rows = 64 takes the GEMM path)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (no kernel runs: Launch.__call__ only records)
+    import torch
+
+    from gircse_kernels import triton_fused
+    from gircse_kernels.triton_aot import jit_specialization
+
+    vocab, d, de, _ = gpu_check.SMALL_MODELS["tiny-wide"]
+    de = d if tied else de
+    ran = []
+    monkeypatch.setattr(triton_fused.Launch, "__call__", lambda self: ran.append(self))
+    h, w, e, b = gpu_check.make_inputs(vocab, d, de, torch.float32, "cpu", rows=rows, tied=tied, bias=bias)
+    lse = torch.zeros(rows)
+    kw = dict(temperature=1.0, softcap=None, tied=tied)
+    if pass_name == "forward":
+        triton_fused.forward(h, w, e, b, **kw)
+    else:
+        full = pass_name == "full-backward"
+        triton_fused.backward(torch.zeros(rows, de), h, w, e, b, lse, lse, need_hidden=True, need_weight=full,
+                              need_embed=full, need_bias=full and bias, merge_tied_grads=full and tied, **kw)
+    planned = gpu_check.planned_launches(pass_name, rows, vocab, d, de, tied, "float32", bias, 4, upcast=True)
+
+    def key(launch):
+        sig, const, attrs = jit_specialization(launch)
+        return launch.name, launch.grid, sorted(map(str, const.items())), str(sig), str(attrs)
+
+    assert [key(x) for x in ran] == [key(x) for x in planned]
