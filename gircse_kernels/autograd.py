@@ -54,11 +54,6 @@ def same_storage(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def _invariance(batch_invariant: bool) -> dict:
-    # TEMPORARY until every backend takes the flag (merge of the cpp / triton branches).
-    return {"batch_invariant": True} if batch_invariant else {}
-
-
 def _backend_module(backend: str, device: torch.device):
     from .dispatch import resolve_backend  # the dispatcher imports this module: resolve lazily
 
@@ -79,7 +74,7 @@ def soft_token_embedding_op(
     with torch.autocast(hidden.device.type, enabled=False):
         return module.forward(hidden, lm_head_weight, embed_weight, lm_head_bias, temperature=temperature,
                               softcap=softcap, tied=same_storage(lm_head_weight, embed_weight),
-                              **_invariance(batch_invariant))
+                              batch_invariant=batch_invariant)
 
 
 @soft_token_embedding_op.register_fake
@@ -101,13 +96,18 @@ def soft_token_embedding_backward_op(
     module = _backend_module(backend, hidden.device)
     need_hidden, need_weight, need_embed, need_bias = needs
     with torch.autocast(hidden.device.type, enabled=False):
-        delta = (grad_out.float() * out32).sum(dim=-1)
+        if batch_invariant:
+            # A row's delta must not depend on how the reduction kernel tiles [B, d_e] (it may on GPU):
+            # fp64 accumulation leaves order effects far below the final fp32 rounding.
+            delta = (grad_out.double() * out32.double()).sum(dim=-1).float()
+        else:
+            delta = (grad_out.float() * out32).sum(dim=-1)
         grads = module.backward(
             grad_out.contiguous(), hidden, lm_head_weight, embed_weight, lm_head_bias, lse, delta,
             temperature=temperature, softcap=softcap, tied=same_storage(lm_head_weight, embed_weight),
             need_hidden=need_hidden, need_weight=need_weight, need_embed=need_embed,
             need_bias=need_bias and lm_head_bias is not None, merge_tied_grads=merge_tied_grads,
-            grad_filter_eps=grad_filter_eps, **_invariance(batch_invariant),
+            grad_filter_eps=grad_filter_eps, batch_invariant=batch_invariant,
         )
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
