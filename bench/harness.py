@@ -7,15 +7,19 @@ CUDA calls are timed with events after a synchronize. Each measurement also reco
 CPU time over wall time (``cpu_busy``, in cores): on an idle machine a multi-threaded CPU kernel
 keeps it near the thread count; far below means the process was waiting (other load, I/O).
 
-Peak extra memory on CPU: torch has no CPU allocator statistics, so :func:`measure` uses the
-kernel's peak resident-set size. Before each call it resets the process high-water mark (``echo 5 >
-/proc/self/clear_refs``, Linux >= 4.0) and reads ``VmRSS``; after the call ``VmHWM - VmRSS_before``
-is the peak memory the call added (its temporaries and outputs), at page granularity, across all
-threads (a Python dispatch-mode tracker would miss tensors created in C++ worker threads). For this
-to be honest freed memory must leave the process, so at import glibc is told (``mallopt``) to serve
-every allocation >= 64 KiB by ``mmap`` (returned to the OS on free) and to trim the heap eagerly;
-otherwise a buffer freed by an earlier run would be reused without raising the RSS. On CUDA:
-``torch.cuda.max_memory_allocated`` above what was allocated before the call.
+Peak extra memory on CPU: torch has no CPU allocator statistics, so one extra call per method
+(after the warmup, before the timed rounds) reads the kernel's peak resident-set size: it resets
+the process high-water mark (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and reads ``VmRSS``;
+after the call ``VmHWM - VmRSS_before`` is the peak memory the call added (its temporaries and
+outputs), at page granularity, across all threads (a Python dispatch-mode tracker would miss
+tensors created in C++ worker threads). For this to be honest freed memory must leave the process,
+so for that call glibc is told (``mallopt``) to serve every allocation >= 64 KiB by ``mmap``
+(returned to the OS on free) and to trim the heap eagerly; otherwise a buffer freed by an earlier
+run would be reused without raising the RSS. The timed calls run with glibc's steady-state
+thresholds instead (32 MiB mmap, 64 MiB trim): serving every buffer by fresh ``mmap`` pages costs a
+page fault per 4 KiB touched and would penalize allocation-heavy code (e.g. a ``torch.cat`` per
+step) far beyond what a user sees. On CUDA: ``torch.cuda.max_memory_allocated`` above what was
+allocated before the call.
 """
 from __future__ import annotations
 
@@ -35,10 +39,22 @@ import torch
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 try:
     _libc = ctypes.CDLL("libc.so.6")
-    MALLOC_TUNED = bool(_libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)) and bool(
-        _libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
 except OSError:
-    MALLOC_TUNED = False
+    _libc = None
+# (mmap threshold, trim threshold): "measure" returns freed buffers to the OS at once; "time" is
+# glibc's steady state (its dynamic thresholds stop growing at 32 MiB / 64 MiB on 64-bit).
+_MALLOC_MODES = {"measure": (64 * 1024, 128 * 1024), "time": (32 * 2**20, 64 * 2**20)}
+
+
+def _malloc_mode(mode: str) -> bool:
+    """Set glibc's thresholds for ``mode``; False where that is impossible (not glibc)."""
+    if _libc is None:
+        return False
+    mmap, trim = _MALLOC_MODES[mode]
+    return bool(_libc.mallopt(_M_MMAP_THRESHOLD, mmap)) and bool(_libc.mallopt(_M_TRIM_THRESHOLD, trim))
+
+
+MALLOC_TUNED = _malloc_mode("time")
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +76,8 @@ def peak_memory_supported(device: torch.device | str = "cpu") -> bool:
 
 @dataclasses.dataclass
 class Measurement:
-    """One method's figures: best wall seconds of its calls, the largest peak extra MiB seen (None
-    when not measurable), and process CPU seconds / wall seconds of the best call."""
+    """One method's figures: best wall seconds of its timed calls, the peak extra MiB of its memory
+    call (None when not measurable), and process CPU seconds / wall seconds of the best call."""
 
     seconds: float
     peak_mib: float | None
@@ -76,55 +92,72 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable, device: torch.device | str = "cpu") -> Measurement:
-    """Run ``fn()`` once: its wall time, peak extra memory and CPU busy-ness. The result is dropped."""
-    device = torch.device(device)
-    gc.collect()
-    tracked = peak_memory_supported(device)
+def _timed_call(fn, device: torch.device) -> tuple[float, float | None]:
+    """(wall seconds, process CPU seconds / wall seconds) of one call; CUDA: event time, no CPU figure."""
     if device.type == "cuda":
         synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = fn()
         end.record()
         synchronize(device)
-        seconds = start.elapsed_time(end) / 1e3
-        extra = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         del out
-        return Measurement(seconds, extra, None)
-    if tracked:
-        with open(_CLEAR_REFS, "w") as f:
-            f.write("5")
-        before = _status_kib("VmRSS")
+        return start.elapsed_time(end) / 1e3, None
     cpu0, start = time.process_time(), time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu0
-    extra = (_status_kib("VmHWM") - before) / 1024.0 if tracked else None
     del out
-    return Measurement(seconds, extra, cpu / seconds if seconds > 0 else None)
+    return seconds, (cpu / seconds if seconds > 0 else None)
+
+
+def peak_extra_mib(fn, device: torch.device | str = "cpu") -> float | None:
+    """Peak memory one call of ``fn()`` adds above what was held before it (see the module
+    docstring); None where it cannot be measured. The result is dropped."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        synchronize(device)
+        del out
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if not peak_memory_supported(device) or not _malloc_mode("measure"):
+        return None
+    try:
+        gc.collect()
+        # Hand the free memory the timed calls left in glibc's heaps back to the OS, so the call
+        # cannot reuse it without raising the RSS.
+        _libc.malloc_trim(0)
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        out = fn()
+        extra = (_status_kib("VmHWM") - before) / 1024.0
+        del out
+    finally:
+        _malloc_mode("time")
+    return max(extra, 0.0)  # RSS accounting lags by a few pages; a call adds no negative memory
 
 
 def time_methods(methods: dict[str, Callable], *, reps: int = 3, warmup: bool = True,
                  device: torch.device | str = "cpu") -> dict[str, Measurement]:
     """Round-robin timing of several methods (see the module docstring): ``{name: Measurement}``
-    with each method's best time, largest peak memory, and the CPU busy-ness of its best call."""
+    with each method's best time, its peak extra memory, and the CPU busy-ness of its best call."""
+    device = torch.device(device)
     if warmup:
         for fn in methods.values():
             fn()
         synchronize(device)
-    runs: dict[str, list[Measurement]] = {name: [] for name in methods}
+    peaks = {name: peak_extra_mib(fn, device) for name, fn in methods.items()}
+    runs: dict[str, list[tuple[float, float | None]]] = {name: [] for name in methods}
     for _ in range(reps):
         for name, fn in methods.items():
-            runs[name].append(measure(fn, device))
-    out = {}
-    for name, ms in runs.items():
-        best = min(ms, key=lambda m: m.seconds)
-        peaks = [m.peak_mib for m in ms if m.peak_mib is not None]
-        out[name] = Measurement(best.seconds, max(peaks) if peaks else None, best.cpu_busy)
-    return out
+            runs[name].append(_timed_call(fn, device))
+    best = {name: min(times, key=lambda t: t[0]) for name, times in runs.items()}
+    return {name: Measurement(best[name][0], peaks[name], best[name][1]) for name in methods}
 
 
 # ---------------------------------------------------------------------- the machine

@@ -88,12 +88,12 @@ class Table:
 
     @classmethod
     def from_dict(cls, data: dict, *, columns: list[str] | None = None, where=None) -> "Table":
-        """A table read back from ``report.json``, optionally with only some ``columns`` (keys, in
+        """A table read back from ``report.json``, optionally with only some ``columns`` (keys present, in
         that order) and the rows for which ``where(row)`` is true."""
         cols = [Column(**c) for c in data["columns"]]
         if columns is not None:
             by_key = {c.key: c for c in cols}
-            cols = [by_key[k] for k in columns]
+            cols = [by_key[k] for k in columns if k in by_key]  # older reports may lack some
         rows = [r for r in data["rows"] if where is None or where(r)]
         return cls(data["id"], data["title"], cols, rows, data.get("note", ""))
 

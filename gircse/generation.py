@@ -196,6 +196,30 @@ def _cache_through_checkpointed_layers(decoder: nn.Module):
             m._gradient_checkpointing_func = original
 
 
+def _decode_step_mask(decoder: nn.Module, full_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask of every one-position step, built once: step j passes its first L + j columns.
+
+    A step's single query (the newest position) may attend to every real key: the input's real
+    tokens and every soft token so far. Handing transformers this 4-D mask ([B, 1, 1, L + K]; boolean
+    for SDPA, additive for eager attention, as ``baselines.bidirectional_attention_mask`` builds them)
+    skips its per-step mask construction, which reads a reduction over the padding mask back to the
+    host (``masking_utils.fast_all``: a device synchronization on GPU) at every step. Sliding-window layers need their window applied, and
+    flash-attention kernels ignore 4-D masks: there the 2-D mask goes through transformers as usual.
+    """
+    config = decoder.config
+    implementation = getattr(config, "_attn_implementation", "sdpa")
+    sliding = getattr(config, "sliding_window", None) is not None or any(
+        "sliding" in str(t) for t in (getattr(config, "layer_types", None) or ()))
+    if sliding or implementation not in ("sdpa", "eager"):
+        return full_mask
+    keys_real = full_mask.bool()[:, None, None, :]
+    if implementation == "sdpa":
+        return keys_real
+    dtype = decoder.get_input_embeddings().weight.dtype
+    return torch.zeros(keys_real.shape, dtype=dtype, device=full_mask.device).masked_fill(
+        ~keys_real, torch.finfo(dtype).min)
+
+
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> None:
     check_k(k)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -241,7 +265,8 @@ def generate_soft_tokens(
     length = input_ids.shape[1]
     # Every step's mask and position, built once: step j sees the input and d_1..d_j at real-token
     # positions last+1..last+j.
-    full_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], k)], dim=1)
+    step_mask = _decode_step_mask(
+        decoder, torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], k)], dim=1))
     step_positions = position_ids[:, -1:] + torch.arange(1, k + 1, device=position_ids.device)
     # The profiler ranges name the prefill and each step in any trace (bench/test_bench_model.py reads them).
     with _cache_through_checkpointed_layers(decoder):
@@ -258,7 +283,7 @@ def generate_soft_tokens(
                 soft_token = soft_token_embedding(state)  # d_j = s_j @ E, [B, d_e]
                 cache = _kv_cache_for_next_call(decoder, cache, length + k)
                 hidden = _decoder_call(decoder, cache, inputs_embeds=soft_token.unsqueeze(1).to(embed_dtype),
-                                       attention_mask=full_mask[:, :length + j + 1],
+                                       attention_mask=step_mask[..., :length + j + 1],
                                        position_ids=step_positions[:, j:j + 1])
             state = hidden[:, -1]  # g_j: the state at d_j's position
             generated.append(state)

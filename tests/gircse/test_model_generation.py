@@ -240,3 +240,34 @@ def test_static_cache_rejects_overflow():
     assert keys.shape == (1, 2, 3, 4) and keys[:, :, 2].eq(1).all() and layer.get_seq_length() == 3
     with pytest.raises(RuntimeError, match="capacity 3"):
         layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+
+
+@pytest.mark.parametrize("family,steps_read_mask", [("llama", False), ("qwen2", False), ("mistral", True)])
+def test_decode_steps_skip_transformers_mask_construction(family, steps_read_mask, make_tiny, monkeypatch):
+    """Decode steps hand transformers a prebuilt 4-D mask, so it never reads the padding mask back to
+    the host (a GPU synchronization per step); sliding-window models (the tiny Mistral) keep the 2-D
+    mask so transformers applies the window."""
+    import transformers.masking_utils as masking_utils
+
+    gircse = make_tiny(family)
+    batch = gircse.tokenize(TEXTS, "Find it")
+    reads = []
+    original = masking_utils.fast_all
+    monkeypatch.setattr(masking_utils, "fast_all", lambda t: reads.append(1) or original(t))
+    counts = []
+    with torch.no_grad():
+        for k in (1, 4):
+            reads.clear()
+            generate_soft_tokens(gircse.model, None, **batch, k=k)
+            counts.append(len(reads))
+    assert (counts[1] > counts[0]) is steps_read_mask, counts
+
+
+def test_cached_generation_with_eager_attention_matches_uncached(make_tiny):
+    gircse = make_tiny("qwen2")
+    gircse.model.config._attn_implementation = "eager"
+    batch = gircse.tokenize(TEXTS, "Retrieve the passage")
+    with torch.no_grad():
+        cached = generate_soft_tokens(gircse.model, None, **batch, k=4)
+        uncached = generate_soft_tokens_uncached(gircse.model, None, **batch, k=4)
+    torch.testing.assert_close(cached, uncached, atol=6e-5, rtol=1e-5)
