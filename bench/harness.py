@@ -145,7 +145,11 @@ def peak_extra_mib(fn, device: torch.device | str = "cpu") -> float | None:
 def time_methods(methods: dict[str, Callable], *, reps: int = 3, warmup: bool = True,
                  device: torch.device | str = "cpu") -> dict[str, Measurement]:
     """Round-robin timing of several methods (see the module docstring): ``{name: Measurement}``
-    with each method's best time, its peak extra memory, and the CPU busy-ness of its best call."""
+    with each method's best time, its peak extra memory, and the CPU busy-ness of its best call.
+
+    Calls per method: one warmup (``warmup=True``), one memory call, ``reps`` timed calls. The memory
+    call precedes the timed ones, so with ``warmup=False`` (for calls of seconds, whose one-time
+    costs are negligible) it doubles as the warmup."""
     device = torch.device(device)
     if warmup:
         for fn in methods.values():

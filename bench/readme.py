@@ -47,7 +47,7 @@ def readme_section(report: dict, report_path: str) -> str:
                               where=lambda r: r.get("model") == "mistral-7b" and r.get("n") == 512)),
         ("flops/counter", {}),
         ("model/encode", dict(columns=["n", "method", "k", "seconds", "texts_per_s", "ratio", "predicted", "gap",
-                                       "peak_mib"])),
+                                       "roofline", "roofline_gap", "peak_mib"])),
         ("profile/decode-step", {}),
         ("training/steps", dict(columns=["way", "gradcache", "seconds", "ratio", "peak_mib", "mem_ratio"])),
     ]

@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from bench.checks import check_close
+from bench.checks import MODEL_REL_TOL, check_close
 from bench.harness import time_methods
 from gircse import flops
 from torch.profiler import record_function
@@ -32,13 +32,13 @@ from torch.profiler import record_function
 from gircse.generation import (base_causal_lm, generate_soft_tokens, generate_soft_tokens_uncached, pool_steps,
                                soft_token_embedding_of)
 
-SETTINGS = {  # batch, lengths, K (cached), K (uncached, per length), repetitions, profile (B, N, K)
-    "quick": dict(batch=2, lengths=(16,), ks=(1, 3), uncached={16: (1, 3)}, reps=1, profile=(2, 16, 3)),
+SETTINGS = {  # batch, lengths, K (cached), K (uncached, per length), repetitions, profile (B, N, K, runs)
+    "quick": dict(batch=2, lengths=(16,), ks=(1, 3), uncached={16: (1, 3)}, reps=1, profile=(2, 16, 3, 1)),
     "default": dict(batch=8, lengths=(32, 128), ks=(1, 5, 20), uncached={32: (1, 5), 128: (1, 5)}, reps=2,
-                    profile=(8, 128, 5)),
+                    profile=(8, 128, 5, 1)),
     "full": dict(batch=32, lengths=(32, 128, 512), ks=(1, 3, 5, 10, 20),
                  uncached={32: (1, 3, 5, 10, 20), 128: (1, 3, 5, 10, 20), 512: (1, 3, 5)}, reps=3,
-                 profile=(32, 512, 10)),
+                 profile=(32, 512, 10, 2)),
 }
 DEV_SET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gircse", "data", "debian",
                        "dev_retrieval.jsonl.gz")
@@ -78,6 +78,31 @@ def encoder(model, method: str, ids: torch.Tensor, k: int = 1, cache: bool = Tru
     return run
 
 
+def roofline_seconds(shape, method: str, n: int, k: int, cache: bool, batch: int, flop_rate: float,
+                     bandwidth: float, dtype_bytes: int) -> float:
+    """Lower bound on the time from this machine's measured rates: every call takes at least its FLOPs
+    at ``flop_rate`` (what Causal-EOS's prefill reached) and, for the one-position decode steps, the
+    bytes it must move (``gircse.flops.decode_step_bytes``: all the weights, the KV cache) at
+    ``bandwidth`` (a copy's). At small batch the steps are bound by the weight reads, not the FLOPs."""
+    if method != "gircse" or not cache:
+        kw = dict(cache=cache) if method == "gircse" else {}
+        return flops.encode_flops(shape, method, n, k, convention="executed", batch=batch, **kw) / flop_rate
+    seconds = batch * flops.forward_flops(shape, n) / flop_rate
+    for j in range(1, k + 1):
+        step_flops = batch * (flops.forward_flops(shape, 1, n + j) + flops.soft_token_flops(shape))
+        step_bytes = flops.decode_step_bytes(shape, batch, n + j - 1, dtype_bytes=dtype_bytes)
+        seconds += max(step_flops / flop_rate, step_bytes / bandwidth)
+    return seconds
+
+
+def copy_bandwidth(nbytes: int, device) -> float:
+    """Bytes/s of ``dst.copy_(src)`` over ``nbytes`` (read + write counted), best of 3."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = time_methods({"copy": lambda: dst.copy_(src)}, reps=3, device=device)["copy"].seconds
+    return 2 * nbytes / seconds
+
+
 @pytest.fixture(scope="module")
 def settings(size):
     return SETTINGS[size]
@@ -92,14 +117,25 @@ def test_bench_encode(smollm2, report, settings):
         "padding) through `GIRCSE.forward` in inference mode, as `encode` runs it; "
         f"dtype {next(model.parameters()).dtype}. `predicted` = the FLOPs ratio to Causal-EOS "
         "(`gircse.flops`, executed convention: what the package computes, attention included); `gap` = "
-        "measured ratio / predicted ratio (1.00 = the time ratio the FLOPs promise). Peak extra memory: "
-        "the call's peak RSS (CPU) or allocated memory (CUDA) above what was held before."))
+        "measured ratio / predicted ratio (1.00 = the time ratio the FLOPs promise). `predicted (roofline)`: "
+        "each call at least its FLOPs at the rate Causal-EOS reached and, for the one-position decode steps, "
+        "at least the bytes they must move (all weights and the KV cache, `gircse.flops.decode_step_bytes`) "
+        "at copy bandwidth: at small batch a step is bound by reading the weights, not by its FLOPs. "
+        "Time: best of the "
+        "round-robin repetitions after a first, memory-measuring call; peak extra memory: that call's peak "
+        "RSS (CPU) or allocated memory (CUDA) above what was held before."))
     table = section.table("encode", "Encode throughput", [
         ("n", "N", "int"), ("method", "method"), ("k", "K"), ("seconds", "s / batch", "s"),
         ("texts_per_s", "texts/s", "rate"), ("tokens_per_s", "input tokens/s", "rate"),
         ("ratio", "time / Causal-EOS", "ratio"), ("predicted", "predicted (FLOPs)", "ratio"),
-        ("gap", "gap", "ratio"), ("gflops", "GFLOPs / batch", "giga"), ("peak_mib", "peak MiB", "mib"),
+        ("gap", "gap", "ratio"), ("roofline", "predicted (roofline)", "ratio"),
+        ("roofline_gap", "gap to roofline", "ratio"), ("gflops", "GFLOPs / batch", "giga"),
+        ("peak_mib", "peak MiB", "mib"),
         ("cpu_busy", "cpu busy", "ratio")])
+    dtype_bytes = next(model.parameters()).element_size()
+    bandwidth = copy_bandwidth(shape.weight_bytes(dtype_bytes), device)
+    section.text += (f" Roofline: this run's copy bandwidth {bandwidth / 1e9:.1f} GB/s (a copy of the "
+                     "weights' size) and the FLOP rate Causal-EOS reached at each N.")
     for n in settings["lengths"]:
         ids = real_token_batch(model.tokenizer, batch, n, device)
         runs = {("causal-eos", None, True): encoder(model, "causal-eos", ids),
@@ -111,10 +147,11 @@ def test_bench_encode(smollm2, report, settings):
         k_check = max(set(settings["ks"]) & set(settings["uncached"][n]))
         cached, uncached = runs[("gircse", k_check, True)](), runs[("gircse", k_check, False)]()
         check_close(report, "model", f"SmolLM2 N={n} GIRCSE K={k_check} cached vs uncached", cached, uncached,
-                    rel_tol=1e-4 if cached.dtype == torch.float32 else 2e-2)
-        timed = time_methods({key: fn for key, fn in runs.items()}, reps=settings["reps"], device=device)
+                    rel_tol=MODEL_REL_TOL[cached.dtype])
+        timed = time_methods(runs, reps=settings["reps"], warmup=False, device=device)
         eos_time = timed[("causal-eos", None, True)].seconds
         eos_flops = flops.encode_flops(shape, "causal-eos", n + 1, convention="executed", batch=batch)
+        flop_rate = eos_flops / eos_time
         for (method, k, cache), m in timed.items():
             length = n + (method == "causal-eos")
             kw = dict(cache=cache) if method == "gircse" else {}
@@ -122,9 +159,12 @@ def test_bench_encode(smollm2, report, settings):
             label = {"causal-eos": "Causal-EOS", "bidirectional-avg": "Bidirectional-Avg"}.get(
                 method, "GIRCSE, KV cache" if cache else "GIRCSE, no cache")
             ratio, ideal = m.seconds / eos_time, predicted / eos_flops
+            roofline = roofline_seconds(shape, method, length, k or 1, cache, batch, flop_rate, bandwidth,
+                                        dtype_bytes) / eos_time
             table.add(n=n, method=label, k=k, seconds=m.seconds, texts_per_s=batch / m.seconds,
                       tokens_per_s=batch * n / m.seconds, ratio=ratio, predicted=ideal, gap=ratio / ideal,
-                      gflops=predicted, peak_mib=m.peak_mib, cpu_busy=m.cpu_busy)
+                      roofline=roofline, roofline_gap=ratio / roofline, gflops=predicted, peak_mib=m.peak_mib,
+                      cpu_busy=m.cpu_busy)
 
 
 # ---------------------------------------------------------------------- decode-step profile
@@ -189,7 +229,7 @@ def _cat_cache(model):
 
 def test_profile_decode_step(smollm2, report, settings):
     model = smollm2
-    batch, n, k = settings["profile"]
+    batch, n, k, profiled_runs = settings["profile"]
     ids = real_token_batch(model.tokenizer, batch, n, model.device)
     mask = torch.ones_like(ids)
     if model.device.type != "cpu":
@@ -216,16 +256,16 @@ def test_profile_decode_step(smollm2, report, settings):
     per_step = {}
     for name, cat in (("static cache (inference path)", False), ("torch.cat cache (previous path)", True)):
         generation(k, cat)()  # warm
-        runs = [profile_decode_steps(generation(k, cat)) for _ in range(2)]
-        # Per category, the median over the steps of the faster of the two runs (by total step time).
+        runs = [profile_decode_steps(generation(k, cat)) for _ in range(profiled_runs)]
+        # Per category, the median over the steps of the fastest run (by total step time).
         steps = min(runs, key=lambda r: sum(s["step"] for s in r))
         per_step[name] = {c: sorted(s[c] for s in steps)[len(steps) // 2] for c in steps[0]}
     section = report.section("profile", f"Where a decode step goes (SmolLM2-135M, B = {batch}, N = {n})", (
         f"torch.profiler self CPU time per op class inside each `gircse.decode_step` range of a K = {k} "
-        f"generation (median over the steps of the faster of 2 profiled runs); `{OVERHEAD}` is the step's "
-        "time not spent inside an op "
-        "(Python, module calls, transformers' mask and cache bookkeeping, dispatch). The static KV cache "
-        "(one buffer per layer, written in place) is what inference runs now; the `torch.cat` cache copies "
+        f"generation (median over the steps of the fastest of {profiled_runs} profiled run(s)); `{OVERHEAD}` is "
+        "the step's time not spent inside an op (Python, module calls, transformers' mask and cache "
+        "bookkeeping, dispatch). The static KV cache (one buffer per layer, written in place) is what "
+        "inference runs now; the `torch.cat` cache copies "
         "every layer's whole past at every step (training keeps it: it must preserve each step's keys for "
         "backward and gradient-checkpoint replays). Steps are profiled, so they run a little slower than "
         "in the throughput table."))

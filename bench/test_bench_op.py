@@ -16,8 +16,9 @@ Three report sections:
   same run: the step reads W (and E) once, so bandwidth is its figure of merit.
 
 Every configuration is checked first: each method's output and gradients against the reference
-(fp64, or fp32 when fp64 copies of the weights would exceed 2 GB) with the bound of
-``bench/checks.py`` (relative to the result's magnitude, plus plain PyTorch's same-dtype error).
+(fp64 for fp32 inputs up to SmolLM2's size, else fp32; see ``truth``) with the bound of
+``bench/checks.py`` (relative to the result's magnitude, plus plain PyTorch's same-dtype error;
+the package's backends ``REL_TOL``, the peers the looser ``PEER_REL_TOL``).
 FLOPs: forward ``2 B V (d + d_e)``; each backward pass adds the same for ``dh`` (``dp = dO E^T``,
 ``dh = dz W``) and again for ``dW``/``dE`` (recomputing the logits is not counted: it is an
 implementation's choice). Bytes: W and E (E once when tied) read once per pass (fwd 1, fwd+bwd 2),
@@ -31,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.checks import check_close
+from bench.checks import PEER_REL_TOL, check_close
 from bench.harness import time_methods
 from gircse_kernels import reference, resolve_backend, soft_token_embedding
 
@@ -46,7 +47,7 @@ SHAPES = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd dh", "fwd+bwd all")
-REPS = {"quick": 1, "default": 3, "full": 5}
+REPS = {"quick": 1, "default": 2, "full": 5}
 
 
 def grid_op_config(size: str, device: torch.device) -> list[tuple[str, str, int]]:
@@ -60,8 +61,9 @@ def grid_op_config(size: str, device: torch.device) -> list[tuple[str, str, int]
         grid = [(s, "bf16", b) for s in ("smollm2-135m", "qwen2.5-0.5b") for b in small]
         grid += [(s, "bf16", b) for s in ("mistral-7b", "qwen2-7b") for b in large]
         return grid + [(s, "fp32", b) for s in ("smollm2-135m", "qwen2.5-0.5b") for b in (1, 64)]
-    if size == "default":
-        return [(s, dt, b) for s in ("smollm2-135m", "qwen2.5-0.5b") for dt in DTYPES for b in (1, 64)]
+    if size == "default":  # Qwen2.5's fp32 fwd+bwd at B = 64 alone would take minutes on 2 cores
+        return [(s, dt, b) for s in ("smollm2-135m", "qwen2.5-0.5b") for dt in DTYPES for b in (1, 64)
+                if (s, dt, b) != ("qwen2.5-0.5b", "fp32", 64)]
     grid = [(s, dt, b) for s in ("smollm2-135m", "qwen2.5-0.5b") for dt in DTYPES for b in (1, 8, 32, 128, 512)]
     return grid + [(s, dt, b) for s in ("mistral-7b", "qwen2-7b") for dt in DTYPES for b in (1, 8)]
 
@@ -77,13 +79,15 @@ def chunked(h, w, e, chunk=8192):
     acc = h.new_zeros(rows, e.shape[1], dtype=torch.float32)
     run_max = h.new_full((rows, 1), float("-inf"), dtype=torch.float32)
     run_sum = h.new_zeros(rows, 1, dtype=torch.float32)
-    for lo in range(0, w.shape[0], chunk):
-        z = (h @ w[lo:lo + chunk].T).float()
+    # split (not slicing in the loop): autograd then concatenates the chunks' weight gradients once
+    # instead of adding a full-size [V, d] gradient per chunk.
+    for w_chunk, e_chunk in zip(w.split(chunk), e.split(chunk)):
+        z = (h @ w_chunk.T).float()
         new_max = torch.maximum(run_max, z.amax(dim=1, keepdim=True))
         rescale = torch.exp(run_max - new_max)
         p = torch.exp(z - new_max)
         run_sum = run_sum * rescale + p.sum(dim=1, keepdim=True)
-        acc = acc * rescale + (p.to(h.dtype) @ e[lo:lo + chunk]).float()
+        acc = acc * rescale + (p.to(h.dtype) @ e_chunk).float()
         run_max = new_max
     return (acc / run_sum).to(h.dtype)
 
@@ -152,8 +156,10 @@ def pass_fn(fn, pass_, h, w, e, dout):
 
 
 def truth(pass_, h, w, e, dout):
-    """Reference result (fp64 unless the fp64 weight copies would exceed 2 GB, then fp32)."""
-    acc = torch.float64 if (w.numel() + (0 if e is w else e.numel())) * 8 <= 2e9 else torch.float32
+    """Reference result: fp32 for low-precision inputs (its error is ~1e-6, far below their bounds);
+    fp64 for fp32 inputs unless the fp64 weight copies would exceed 1 GB (fp64 GEMMs are slow on CPU)."""
+    small = (w.numel() + (0 if e is w else e.numel())) * 8 <= 1e9
+    acc = torch.float64 if h.dtype == torch.float32 and small else torch.float32
     hr, wr = h.detach().to(acc), w.detach().to(acc)
     er = wr if e is w else e.detach().to(acc)
     return pass_fn(lambda a, b, c: reference.soft_token_embedding(a, b, c), pass_, hr, wr, er, dout.to(acc))()
@@ -204,10 +210,11 @@ def test_bench_op(op_config, op_table, report, size, device):
         where = f"{shape_name} {dtype_name} B={rows} {pass_}"
         for name, fn in every.items():
             out, grads = pass_fn(fn, pass_, h, w, e, dout)()
-            check_close(report, "op", f"{name} {where} out", out, ref_out, dtype=dtype, baseline=base_out)
+            tol = dict(rel_tol=PEER_REL_TOL[dtype]) if name in peers else {}
+            check_close(report, "op", f"{name} {where} out", out, ref_out, dtype=dtype, baseline=base_out, **tol)
             for g in ref_grads:
                 check_close(report, "op", f"{name} {where} {g}", grads[g], ref_grads[g], dtype=dtype,
-                            baseline=base_grads[g])
+                            baseline=base_grads[g], **tol)
         del ref_out, ref_grads, base_out, base_grads, out, grads
         timed = time_methods({n: pass_fn(fn, pass_, h, w, e, dout) for n, fn in every.items()},
                              reps=REPS[size], device=device)
@@ -272,10 +279,12 @@ def test_bench_cpu_small_batch(dtype_name, report, size, device):
             for name, fn in fns.items():
                 out, grads = pass_fn(fn, pass_, h, w, e, dout)()
                 where = f"{name} {shape_name} {dtype_name} B={rows} {pass_}"
-                check_close(report, "op-small-batch", f"{where} out", out, ref_out, dtype=dtype, baseline=base_out)
+                tol = dict(rel_tol=PEER_REL_TOL[dtype]) if name == "naive" else {}
+                check_close(report, "op-small-batch", f"{where} out", out, ref_out, dtype=dtype, baseline=base_out,
+                            **tol)
                 if grads:
                     check_close(report, "op-small-batch", f"{where} dh", grads["dh"], ref_grads["dh"],
-                                dtype=dtype, baseline=base_grads["dh"])
+                                dtype=dtype, baseline=base_grads["dh"], **tol)
             timed = time_methods({n: pass_fn(fn, pass_, h, w, e, dout) for n, fn in fns.items()},
                                  reps=REPS[size] + 2)
             table.add(shape=shape_name, B=rows, **{"pass": pass_}, **{n: m.seconds for n, m in timed.items()},

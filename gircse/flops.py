@@ -38,6 +38,7 @@ __all__ = [
     "PRESETS",
     "DecoderShape",
     "METHODS",
+    "decode_step_bytes",
     "encode_flops",
     "encode_memory",
     "forward_flops",
@@ -163,6 +164,17 @@ def soft_token_flops(model, *, mixture: bool = True) -> int:
     """One soft-token step for one row: logits ``2 V d`` (+ the mixture ``2 V d_e``)."""
     shape = _shape(model)
     return 2 * shape.vocab_size * (shape.hidden_size + (shape.embed_dim if mixture else 0))
+
+
+def decode_step_bytes(model, batch: int, keys: int, *, dtype_bytes: int = 2) -> int:
+    """Bytes one cached decode step must move at least: every weight it multiplies by (decoder
+    linears, the op's W and, untied, E) read once, the KV cache of ``keys`` positions read and one
+    position written, per sequence of the batch. At small batch this, not its FLOPs, bounds a step."""
+    shape = _shape(model)
+    batch, keys = _count("batch", batch, 1), _count("keys", keys, 1)
+    weights = shape.decoder_linear_params + shape.vocab_size * (
+        shape.hidden_size + (0 if shape.tied else shape.embed_dim))
+    return dtype_bytes * weights + batch * (keys + 1) * shape.kv_bytes_per_position(dtype_bytes)
 
 
 def _check(method: str, convention: str, cache: bool, k: int) -> None:

@@ -146,7 +146,9 @@ def _kv_cache_for_next_call(decoder: nn.Module, previous: Cache | None, capacity
     for every call when autograd is off, else a fresh replay-safe cache over ``previous``'s keys/values."""
     n_layers = decoder.config.num_hidden_layers
     if not torch.is_grad_enabled():
-        return previous if previous is not None else Cache(layers=[_StaticLayer(capacity) for _ in range(n_layers)])
+        if previous is None:
+            previous = Cache(layers=[_StaticLayer(capacity) for _ in range(n_layers)])
+        return previous
     return Cache(layers=[_ReplaySafeLayer(None if previous is None else (layer.keys, layer.values))
                          for layer in (previous.layers if previous is not None else [None] * n_layers)])
 
@@ -203,8 +205,9 @@ def _decode_step_mask(decoder: nn.Module, full_mask: torch.Tensor) -> torch.Tens
     tokens and every soft token so far. Handing transformers this 4-D mask ([B, 1, 1, L + K]; boolean
     for SDPA, additive for eager attention, as ``baselines.bidirectional_attention_mask`` builds them)
     skips its per-step mask construction, which reads a reduction over the padding mask back to the
-    host (``masking_utils.fast_all``: a device synchronization on GPU) at every step. Sliding-window layers need their window applied, and
-    flash-attention kernels ignore 4-D masks: there the 2-D mask goes through transformers as usual.
+    host (``masking_utils.fast_all``: a device synchronization on GPU) at every step. Sliding-window
+    layers need their window applied, and flash-attention kernels ignore 4-D masks: there the 2-D
+    mask goes through transformers as usual.
     """
     config = decoder.config
     implementation = getattr(config, "_attn_implementation", "sdpa")

@@ -95,6 +95,16 @@ def test_kv_cache_memory_matches_a_real_cache():
     assert memory["weights"] == params * 4
 
 
+def test_decode_step_bytes():
+    shape = flops.PRESETS["smollm2-135m"]  # tied: the op reads W once
+    kv = 2 * 30 * 3 * 64 * 4
+    assert flops.decode_step_bytes(shape, 8, 100, dtype_bytes=4) == 4 * (shape.decoder_linear_params
+                                                                          + 49152 * 576) + 8 * 101 * kv
+    mistral = flops.PRESETS["mistral-7b"]  # untied: W and E
+    assert flops.decode_step_bytes(mistral, 1, 1) - flops.decode_step_bytes(mistral, 1, 1, dtype_bytes=1) == (
+        mistral.decoder_linear_params + 2 * 32000 * 4096 + 2 * mistral.kv_bytes_per_position(1))
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="method"):
         flops.encode_flops("mistral-7b", "mean", 512)
