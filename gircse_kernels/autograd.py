@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["same_storage", "soft_token_embedding_op", "soft_token_embedding_backward_op"]
 
@@ -163,3 +164,26 @@ def _no_double_backward(ctx, *grads):
 
 soft_token_embedding_op.register_autograd(_backward, setup_context=_setup_context)
 soft_token_embedding_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# FLOP formulas, so torch.utils.flop_counter.FlopCounterMode (MFU accounting in users' training
+# loops) sees the op's matmuls, which are hidden inside the custom ops. As for SDPA's formulas: the
+# matmuls the math needs, not the backward's recomputation of the logits (an implementation choice).
+@register_flop_formula(torch.ops.gircse.soft_token_embedding)
+def _forward_flops(hidden_shape, weight_shape, embed_shape, *args, out_shape=None, **kwargs) -> int:
+    rows, vocab = hidden_shape[0], weight_shape[0]
+    return 2 * rows * vocab * (hidden_shape[1] + embed_shape[1])  # z = h W^T, O = p E
+
+
+@register_flop_formula(torch.ops.gircse.soft_token_embedding_backward)
+def _backward_flops(grad_out_shape, hidden_shape, weight_shape, embed_shape, bias_shape, out_shape_, lse_shape,
+                    temperature, softcap, backend, batch_invariant, grad_filter_eps, needs, merge_tied_grads,
+                    out_shape=None, **kwargs) -> int:
+    need_hidden, need_weight, need_embed, need_bias = needs
+    rows, vocab, width, embed_width = hidden_shape[0], weight_shape[0], hidden_shape[1], embed_shape[1]
+    flops = 0
+    if need_hidden or need_weight or need_bias:
+        flops += 2 * rows * vocab * embed_width  # dp = dO E^T
+    flops += 2 * rows * vocab * width * (int(need_hidden) + int(need_weight))  # dh = dz W, dW = dz^T h
+    flops += 2 * rows * vocab * embed_width * int(need_embed)  # dE = p^T dO
+    return flops

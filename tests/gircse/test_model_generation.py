@@ -198,3 +198,76 @@ def test_cached_generation_with_sliding_window_layers(family):
         alone = generate_soft_tokens(model, None, input_ids[1:, 10:], attention_mask[1:, 10:], 5)
     torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cached[1], alone[0], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_without_autograd_matches_the_training_cache_bitwise(family, make_tiny):
+    """encode (no autograd) fills one preallocated buffer per layer in place; training rebuilds a
+    replay-safe cache per call with torch.cat. Same keys and values reach attention: same bits
+    (GradCache relies on it: its no-grad embeddings must be those the graph pass recomputes)."""
+    import gircse.generation as generation
+
+    gircse = make_tiny(family)
+    batch = gircse.tokenize(TEXTS, "Retrieve the passage")
+    layers = []
+    original = generation._kv_cache_for_next_call
+
+    def spy(*args):
+        cache = original(*args)
+        layers.append(type(cache.layers[0]))
+        return cache
+
+    generation._kv_cache_for_next_call = spy
+    try:
+        with torch.no_grad():
+            static = generate_soft_tokens(gircse.model, None, **batch, k=4)
+        assert set(layers) == {generation._StaticLayer}
+        layers.clear()
+        with torch.enable_grad():
+            replay_safe = generate_soft_tokens(gircse.model, None, **batch, k=4)
+        assert set(layers) == {generation._ReplaySafeLayer} and replay_safe.requires_grad
+    finally:
+        generation._kv_cache_for_next_call = original
+    assert torch.equal(static, replay_safe.detach())
+
+
+def test_static_cache_rejects_overflow():
+    from gircse.generation import _StaticLayer
+
+    layer = _StaticLayer(capacity=3)
+    layer.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+    keys, _ = layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    assert keys.shape == (1, 2, 3, 4) and keys[:, :, 2].eq(1).all() and layer.get_seq_length() == 3
+    with pytest.raises(RuntimeError, match="capacity 3"):
+        layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+
+
+@pytest.mark.parametrize("family,steps_read_mask", [("llama", False), ("qwen2", False), ("mistral", True)])
+def test_decode_steps_skip_transformers_mask_construction(family, steps_read_mask, make_tiny, monkeypatch):
+    """Decode steps hand transformers a prebuilt 4-D mask, so it never reads the padding mask back to
+    the host (a GPU synchronization per step); sliding-window models (the tiny Mistral) keep the 2-D
+    mask so transformers applies the window."""
+    import transformers.masking_utils as masking_utils
+
+    gircse = make_tiny(family)
+    batch = gircse.tokenize(TEXTS, "Find it")
+    reads = []
+    original = masking_utils.fast_all
+    monkeypatch.setattr(masking_utils, "fast_all", lambda t: reads.append(1) or original(t))
+    counts = []
+    with torch.no_grad():
+        for k in (1, 4):
+            reads.clear()
+            generate_soft_tokens(gircse.model, None, **batch, k=k)
+            counts.append(len(reads))
+    assert (counts[1] > counts[0]) is steps_read_mask, counts
+
+
+def test_cached_generation_with_eager_attention_matches_uncached(make_tiny):
+    gircse = make_tiny("qwen2")
+    gircse.model.config._attn_implementation = "eager"
+    batch = gircse.tokenize(TEXTS, "Retrieve the passage")
+    with torch.no_grad():
+        cached = generate_soft_tokens(gircse.model, None, **batch, k=4)
+        uncached = generate_soft_tokens_uncached(gircse.model, None, **batch, k=4)
+    torch.testing.assert_close(cached, uncached, atol=6e-5, rtol=1e-5)

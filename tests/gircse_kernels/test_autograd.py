@@ -176,3 +176,29 @@ def test_torch_backend_batch_invariant_rows(dtype):
         alone = op(hi, w, e, b)
         (gi,) = torch.autograd.grad(alone, hi, go[i:i + 1])
         assert torch.equal(alone[0], full[i]) and torch.equal(gi[0], gfull[i])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wants", ["hidden", "all"])
+def test_flop_counter_sees_the_op(backend, wants):
+    """FlopCounterMode counts the custom ops' matmuls: the forward as the reference's two GEMMs count,
+    the backward as the gradients asked for need them (dp, then dh, dW, dE; no recomputation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows, vocab, width, embed_width = 3, 101, 8, 5
+    h = torch.randn(rows, width, requires_grad=True)
+    w = torch.randn(vocab, width, requires_grad=wants == "all")
+    e = torch.randn(vocab, embed_width, requires_grad=wants == "all")
+
+    def counted(fn):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    with torch.no_grad():
+        assert counted(lambda: soft_token_embedding(h, w, e, backend=backend)) == counted(
+            lambda: reference.soft_token_embedding(h, w, e)) == 2 * rows * vocab * (width + embed_width)
+    forward = 2 * rows * vocab * (width + embed_width)
+    backward = 2 * rows * vocab * (embed_width + width) if wants == "hidden" else 4 * forward // 2
+    assert counted(lambda: soft_token_embedding(h, w, e, backend=backend).sum().backward()) == forward + backward
