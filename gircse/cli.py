@@ -59,11 +59,12 @@ def user_error(prog: str, error: BaseException) -> int:
 
 
 def run_command(prog: str, func, args) -> int:
-    """``func(args)``, with user errors (ValueError, e.g. a bad option or a malformed file, and OSError,
-    e.g. a missing file) reported as one line and status 2 instead of a traceback."""
+    """``func(args)``, with user errors (ValueError, e.g. a bad option or a malformed file; OSError,
+    e.g. a missing file; ImportError, a package the chosen model or command needs and the error names)
+    reported as one line and status 2 instead of a traceback."""
     try:
         return func(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:
         return user_error(prog, error)
 
 
@@ -102,8 +103,11 @@ def check_model_options(args) -> None:
     if args.model in (None, "default"):
         if args.adapter is not None:
             raise ValueError("--adapter needs --model (the base model it was trained on)")
+        loading.resolve_model_source("smollm2-135m")  # the default's base: its package must be installed
     else:
         model = loading.check_model_reference(args.model, what="--model")
+        if model.lower() in loading.SMOLLM2_ALIASES:
+            loading.resolve_model_source(model)
         if loading.is_gircse_dir(model):
             loading.read_config(model)  # a malformed or inconsistent config fails here, not after loading
     if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, loading.ADAPTER_CONFIG_FILE)):
@@ -144,8 +148,10 @@ def _quiet_loading():
 
 
 def _load(args):
+    """The model every command runs, after ``check_model_options`` (so no command ignores an option)."""
     import gircse
 
+    check_model_options(args)
     with _quiet_loading():
         if args.model in (None, "default"):
             return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,

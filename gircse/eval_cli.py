@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from .cli import _add_model_arguments, _load
+from .cli import _add_model_arguments, _load, check_output_path
 
 __all__ = ["add_eval_mteb_parser", "add_eval_parser", "add_explain_parser", "add_scale_parser", "run_eval",
            "run_eval_mteb", "run_explain", "run_scale"]
@@ -69,6 +69,8 @@ def run_eval(args) -> int:
     from .evaluation import evaluate
 
     _check_batch_size("eval", args.batch_size)
+    if args.output is not None:
+        check_output_path(args.output)  # before the evaluation, not after it
     task = _load_task("eval", args.task)
     model = _load(args)
     result = evaluate(model, task, instruction=args.instruction, document_instruction=args.document_instruction,
@@ -131,6 +133,8 @@ def run_scale(args) -> int:
     except ImportError:
         _fail("scale", "the plot needs matplotlib: pip install matplotlib")
     plot = args.plot or os.path.splitext(args.output)[0] + ".png"
+    check_output_path(args.output)
+    check_output_path(plot, "--plot")
     task = _load_task("scale", args.task)
     model = _load(args)
     if model.method != "gircse":

@@ -337,17 +337,17 @@ class GIRCSE(nn.Module):
         return (a @ b.T).numpy()
 
     @torch.inference_mode()
-    def explain(self, text: str, instruction: str | None = None, k: int = 20, top: int = 30
+    def explain(self, text: str, instruction: str | None = None, k: int | None = None, top: int = 30
                 ) -> list[list[tuple[str, float]]]:
-        """Per generation step j = 1..k, the ``top`` tokens of the soft-token distribution s_j with
-        their probabilities (the paper's Table 4 analysis). The vocabulary is scanned in chunks, so no
-        [k, V] tensor is built.
+        """Per generation step j = 1..k (default: the model's K), the ``top`` tokens of the soft-token
+        distribution s_j with their probabilities (the paper's Table 4 analysis). The vocabulary is
+        scanned in chunks, so no [k, V] tensor is built.
         """
         if self.method != "gircse":
             raise ValueError(f"explain shows soft-token distributions; method {self.method!r} generates none")
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        k = self._check_k(k)
+        k = self._check_k(self.k if k is None else k)
         top = as_int("top", top, minimum=1)
         batch = self.tokenize([text], instruction)
         ste = soft_token_embedding_of(self.model)
@@ -395,7 +395,7 @@ def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, c
 def load_default(*, method: str | None = None, k: int | None = None, device=None, dtype=None,
                  max_length: int | None = None, prompt_style: str | None = None) -> GIRCSE:
     """SmolLM2-135M with the shipped GIRCSE adapter (``gircse/default_adapter/``, a directory written by
-    ``GIRCSE.save_pretrained``). Until the training issue ships it: the untrained base model, with a warning.
+    ``GIRCSE.save_pretrained``); without that directory, the untrained base model, with a warning.
     Arguments left as None take the shipped configuration's values: K=5 and max_length=128 tokens (what
     the adapter was trained and evaluated with; longer inputs lose text from the end, with a warning).
     """

