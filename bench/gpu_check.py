@@ -1,10 +1,11 @@
 """One-shot GPU check of the Triton backend: correctness at real shapes, CUDA graphs, timings vs the roofline.
 
 For the day a GPU is available (about 15 minutes of device time in all, on a bare machine without
-network): one command, under 8 minutes on an H200 including Triton compilation, that writes
+network): one command, sized to fit that budget with Triton compilation included (not yet run on a
+GPU: the time is an estimate), that writes
 ``DIR/gpu_check.md`` and ``DIR/gpu_check.json``:
 
-    PYTHONPATH=. GIRCSE_NO_EXTENSION=1 python3 bench/gpu_check.py --out DIR
+    PYTHONPATH=. GIRCSE_NO_JIT=1 python3 bench/gpu_check.py --out DIR   # no C++ JIT build: GPU only
 
 0. the Triton kernels of every call below compiled ahead in parallel processes (the JIT would compile
    them one by one on first use), into Triton's cache, with the JIT's exact specialization;

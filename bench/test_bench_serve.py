@@ -17,12 +17,11 @@ Settings (environment):
   GIRCSE_BENCH_SERVE_CLIENTS  concurrent clients (default 16)
   GIRCSE_BENCH_SERVE_TEXTS    texts per request (default 1)
 
-Writes ``bench/results/serve/serve_load.md`` and ``.json``.
+Reported in the run's ``bench/results/<machine>/report.md`` (section "serve").
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import subprocess
@@ -39,7 +38,6 @@ pytest.importorskip("uvicorn")
 
 from gircse.cli import DEMO_DOCUMENTS, DEMO_QUERIES  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "serve")
 MODES = {  # name -> server flags
     "one at a time": ["--max-batch-size", "1", "--max-wait-ms", "0"],
     "dynamic batching": ["--max-batch-size", "32", "--max-wait-ms", "5"],
@@ -174,7 +172,7 @@ def _run_mode(model: str, flags: list[str], clients: int, texts_per_request: int
     }
 
 
-def test_serve_load(machine, model_argument):
+def test_serve_load(report, model_argument):
     seconds = float(_setting("SECONDS", "10"))
     clients = int(_setting("CLIENTS", "16"))
     texts_per_request = int(_setting("TEXTS", "1"))
@@ -184,34 +182,24 @@ def test_serve_load(machine, model_argument):
     speedup = dynamic["texts_per_s"] / one["texts_per_s"] if one["texts_per_s"] else float("nan")
     model_label = ("tiny random Llama (2 layers, d=32, V=49152, k=4)" if _setting("MODEL", "tiny") == "tiny"
                    else f"`--model {model_argument}`")
-    lines = [
-        "# `gircse serve` load test",
-        "",
-        f"- Machine: {machine}",
-        f"- Model: {model_label}, the server's default dtype (fp32 on CPU, bf16 on CUDA)",
-        f"- Load: {clients} closed-loop clients on 127.0.0.1 (asyncio + httpx, in the benchmark process), "
-        f"{texts_per_request} text(s) per request from {len(DEMO_DOCUMENTS) + len(DEMO_QUERIES)} demo sentences; "
-        f"{WARMUP_SECONDS:g} s warm-up, then {seconds:g} s measured per mode",
-        "- Requests, req/s, texts/s and latency (sent -> response read) count the requests that completed inside "
-        "the measured window; mean batch = texts / model calls from the server's /metrics over the same window",
-        "",
-        "| mode | server flags | requests | req/s | texts/s | p50 ms | p99 ms | mean batch (texts) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    section = report.section("serve", "`gircse serve` under load: dynamic batching vs one text per model call", (
+        f"Model: {model_label}, the server's default dtype (fp32 on CPU, bf16 on CUDA). Load: {clients} "
+        "closed-loop clients on 127.0.0.1 (asyncio + httpx, in the benchmark process, sharing the machine's "
+        f"cores with the server), {texts_per_request} text(s) per request from "
+        f"{len(DEMO_DOCUMENTS) + len(DEMO_QUERIES)} demo sentences; {WARMUP_SECONDS:g} s warm-up, then "
+        f"{seconds:g} s measured per mode. Requests, req/s, texts/s and latency (sent -> response read) count "
+        "the requests completed inside the measured window; mean batch = texts / model calls from the "
+        f"server's /metrics over the same window. Dynamic batching speedup (texts/s, same run): {speedup:.2f}x."))
+    table = section.table("load", "Server throughput and latency", [
+        ("mode", "mode"), ("flags", "server flags"), ("requests", "requests", "int"),
+        ("requests_per_s", "req/s", "rate"), ("texts_per_s", "texts/s", "rate"), ("p50", "p50 ms", "ms"),
+        ("p99", "p99 ms", "ms"), ("mean_batch", "mean batch (texts)", "ratio"),
+        ("speedup", "texts/s vs one at a time", "x")])
     for name, flags in MODES.items():
         r = results[name]
-        lines.append(f"| {name} | `{' '.join(flags)}` | {r['requests']} | {r['requests_per_s']:.1f} | "
-                     f"{r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.2f} |")
-    lines += ["", f"Dynamic batching speedup (texts/s, same run): **{speedup:.2f}x**", ""]
-    report = "\n".join(lines)
-    print("\n" + report)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "serve_load.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(RESULTS, "serve_load.json"), "w") as f:
-        json.dump({"machine": machine, "model": model_label, "clients": clients, "seconds": seconds,
-                   "texts_per_request": texts_per_request, "speedup_texts_per_s": speedup,
-                   "modes": {name: dict(results[name], flags=MODES[name]) for name in MODES}}, f, indent=2)
+        table.add(mode=name, flags=" ".join(flags), requests=r["requests"], requests_per_s=r["requests_per_s"],
+                  texts_per_s=r["texts_per_s"], p50=r["p50_ms"] / 1e3, p99=r["p99_ms"] / 1e3,
+                  mean_batch=r["mean_batch"], speedup=r["texts_per_s"] / one["texts_per_s"] if one["texts_per_s"] else None)
 
     for name in MODES:
         assert not results[name]["errors"], (name, results[name]["errors"][:3])

@@ -109,7 +109,8 @@ def soft_token_embedding(
             after the temperature.
         backend: "auto" | "triton" | "cpu" | "torch".
         grad_filter_eps: the backward skips vocabulary tiles whose probabilities are all below this
-            (0, the default, is exact); the error bound is in ``gircse_kernels.grad_filter``.
+            (0, the default, is exact); the error bound is in ``gircse_kernels.grad_filter``. A hint:
+            Triton's GEMM path (larger B at wide d) skips nothing and stays exact.
         batch_invariant: guarantee that a row's result does not depend on the batch size (or the
             GPU's SM count): the backend picks its tiling from (V, d, d_e, dtype) only, at some cost
             in speed for small batches on GPU.

@@ -20,8 +20,8 @@ small inputs and writing the outputs once, at the HBM bandwidth -- or, when comp
 FLOPs at the peak rate ("GEMM-equivalents": 2 for the forward, 3 for the dh-only backward, 5 for the
 full backward).
 
-Assumptions, stated (no GPU has run these kernels): HBM bandwidth and the bf16 rate are the H200
-figures measured for this project (4.3 TB/s copy, 790 TFLOP/s GEMM; H100: 90% of the 3.35 TB/s spec,
+Assumptions, stated (no GPU has run these kernels): HBM bandwidth and the bf16 rate are assumed H200
+figures (4.3 TB/s copy, 790 TFLOP/s GEMM, not measured by this project; H100: 90% of the 3.35 TB/s spec,
 the same rate); the L2 bandwidth is *assumed* to be 2.5x HBM and the M = 16 MMA path (mma.sync, no
 wgmma) to reach half the peak. ``bench/gpu_check.py`` measures HBM and L2 bandwidth and the kernels on
 the day a GPU is available; the model is to be recalibrated from that.

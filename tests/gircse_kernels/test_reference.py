@@ -23,9 +23,10 @@ def test_softcap_bounds_logits():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_reference_output_dtype_follows_embed_weight(dtype):
+def test_reference_output_dtype_is_the_inputs_promoted_dtype(dtype):
     h, w, e, _ = make_inputs(Case(vocab=9, d=4, dtype=dtype))
     assert reference.soft_token_embedding(h, w, e).dtype == dtype
+    assert reference.soft_token_embedding(h.float(), w.float(), e).dtype == torch.promote_types(torch.float32, dtype)
 
 
 def test_reference_huge_logits_finite():
