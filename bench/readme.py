@@ -50,6 +50,7 @@ def readme_section(report: dict, report_path: str) -> str:
                                        "roofline", "roofline_gap", "peak_mib"])),
         ("profile/decode-step", {}),
         ("training/steps", dict(columns=["way", "gradcache", "seconds", "ratio", "peak_mib", "mem_ratio"])),
+        ("serve/load", dict(columns=["mode", "requests_per_s", "texts_per_s", "p50", "p99", "mean_batch", "speedup"])),
     ]
     for table_id, kwargs in blocks:
         text = _table(report, table_id, **kwargs)
