@@ -168,7 +168,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("gircse", "causal-eos", "bidirectional-avg", "two-stage"), default=None,
                         help="default: the saved directory's method, else gircse")
     parser.add_argument("--k", type=int_at_least(1), default=None,
-                        help="soft tokens to generate (default: saved, else 20)")
+                        help="soft tokens to generate (default: saved, else 20; 5 with --prompt-style reference)")
     parser.add_argument("--adapter", default=None, help="peft adapter directory to attach")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: fp32 on CPU, bf16 on CUDA")

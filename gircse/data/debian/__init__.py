@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     b.add_argument("--max-per-section", type=int, default=700)
     e = sub.add_parser("eval", help="dev retrieval + section classification of a model, per K (scaling curve)")
     e.add_argument("--model", default="default", help="'default', 'smollm2-135m', a saved GIRCSE directory, ...")
-    e.add_argument("--method", default=None, choices=("gircse", "causal-eos", "bidirectional-avg"))
+    e.add_argument("--method", default=None, choices=("gircse", "causal-eos", "bidirectional-avg", "two-stage"))
     e.add_argument("--k", type=_k_list, default=[1, 3, 5, 10, 15, 20],
                    help="comma-separated K values >= 1 (one pass with max K; default 1,3,5,10,15,20)")
     e.add_argument("--batch-size", type=int_at_least(1), default=32)
