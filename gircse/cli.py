@@ -188,7 +188,6 @@ def add_demo_parser(sub) -> None:
 def run_demo(args) -> int:
     from .data.debian.dev import gold_ranks
 
-    check_model_options(args)
     start = time.perf_counter()
     model = _load(args)
     loaded = time.perf_counter()
@@ -264,7 +263,7 @@ def _read_lines(path: str) -> list[str]:
 def run_encode(args) -> int:
     import numpy as np
 
-    check_model_options(args)
+    check_model_options(args)  # before reading stdin (``_load`` checks again; a small JSON read at most)
     if args.output == "-":
         if sys.stdout.isatty():
             raise ValueError("stdout is a terminal; redirect it to a file or give --output FILE.npy")
