@@ -172,6 +172,17 @@ class GIRCSE(nn.Module):
             raise ValueError("texts is empty")
         return self._pad(self._token_ids(texts, instruction))
 
+    def count_tokens(self, texts: list[str], instruction: str | list[str | None] | None = None, *,
+                     tokenizer=None) -> list[int]:
+        """Tokens of each text as the model reads it (the ``usage`` a server reports): the query format,
+        the special tokens of ``prompt_style``, the EOS of the EOS methods, truncation to ``max_length``.
+        Two-stage: the text before its generated expansion (stage 1 is not run). ``tokenizer``: a copy to
+        use instead of the model's (tokenizers are not shareable across threads)."""
+        ids = token_ids(tokenizer or self.tokenizer, validate_texts(texts), instruction, self.max_length,
+                        append_eos=self.method in ("causal-eos", "two-stage"), query_format=self.query_format,
+                        add_special_tokens=self.prompt_style != "reference")
+        return [len(x) for x in ids]
+
     def _token_ids(self, texts: list[str], instruction, k: int | None = None) -> list[list[int]]:
         if self.method == "two-stage":  # stage 1: the backbone writes each text's expansion
             from .two_stage import join_expansion

@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..prompts import QUERY_FORMAT, token_ids
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .protocol import (APIError, Limits, check_positive_int, embeddings_response, parse_embedding_request,
                        truncate_dimensions)
@@ -67,18 +66,15 @@ class _Embedder:
     def __init__(self, model):
         self.model = model
         self.tokenizer = copy.deepcopy(model.tokenizer)  # the codec thread's own: tokenizers are not shareable
-        self.query_format = getattr(model, "query_format", QUERY_FORMAT)
 
     def token_counts(self, texts: list[str], instruction: str | None) -> list[int]:
-        """Tokens per text as the model sees them: the prompt format, special tokens, truncation to
-        ``max_length`` (these are the ``usage`` numbers)."""
+        """Tokens per text as the model reads it (``GIRCSE.count_tokens``: prompt format, special
+        tokens, EOS, truncation to ``max_length``): the ``usage`` numbers."""
         try:
-            ids = token_ids(self.tokenizer, texts, instruction, self.model.max_length,
-                            append_eos=self.model.method == "causal-eos", query_format=self.query_format)
+            return self.model.count_tokens(texts, instruction, tokenizer=self.tokenizer)
         except ValueError as error:  # e.g. the instruction alone fills max_length
             raise APIError(400, str(error), param="instruction" if instruction else "input",
                            code="invalid_value") from None
-        return [len(x) for x in ids]
 
     def encode(self, texts: list[str], instructions: list) -> np.ndarray:
         return self.model.encode(texts, instructions, batch_size=len(texts), normalize_embeddings=True,
@@ -102,7 +98,7 @@ async def _read_body(request, limit: int) -> bytes:
 
 def create_app(model, config: ServeConfig | None = None):
     """A FastAPI app serving ``model`` (a :class:`gircse.GIRCSE`, used through ``encode``,
-    ``tokenizer``, ``max_length``, ``method``, ``k`` and ``embedding_dim`` only)."""
+    ``count_tokens``, ``tokenizer``, ``max_length``, ``method``, ``k`` and ``embedding_dim`` only)."""
     config = config or ServeConfig()
     embedder = _Embedder(model)
     batcher = DynamicBatcher(embedder.encode, max_batch_size=config.max_batch_size,

@@ -113,6 +113,23 @@ def test_input_errors(make_tiny):
         model.encode(["ok"], instruction=5)
 
 
+@pytest.mark.parametrize("prompt_style", ["gircse", "reference"])
+@pytest.mark.parametrize("method", ["gircse", "causal-eos", "bidirectional-avg"])
+def test_count_tokens_is_what_the_model_reads(make_tiny, method, prompt_style):
+    """The server's usage numbers: per text, the real (unpadded) positions ``tokenize`` gives the model,
+    with this style's special tokens, the EOS methods' EOS and truncation to max_length."""
+    model = make_tiny("llama", method=method, max_length=16, prompt_style=prompt_style)
+    texts = ["rain", "the cat sat on the mat", " ".join(["market"] * 40)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the long text's truncation warning
+        for instruction in (None, "Retrieve it"):
+            mask = model.tokenize(texts, instruction)["attention_mask"]
+            assert model.count_tokens(texts, instruction) == mask.sum(dim=1).tolist()
+    assert model.count_tokens(texts)[2] == 16
+    with pytest.raises(ValueError, match="instruction alone"):
+        model.count_tokens(["rain"], "a very long instruction " * 10)
+
+
 @pytest.mark.parametrize("method", ["gircse", "causal-eos"])
 def test_truncation_keeps_instruction(make_tiny, method):
     model = make_tiny("llama", method=method, max_length=16)

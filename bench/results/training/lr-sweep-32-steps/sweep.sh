@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16, step 1 (the same small lr budget for both methods): 32 steps x 16 pairs of the shipped
-# training set, everything else as the shipped 313-step runs (in-batch negatives only, no clipping,
+# training set, everything else as the shipped 313-step runs but one hard negative per query (the TrainConfig default; the shipped runs used none), no clipping,
 # bf16 autocast, max_length 128, tau 0.02, LoRA r 64 / alpha 32, 10% warmup, linear decay).
 # Chosen on the Debian dev set (never test data). One job at a time: nothing else on the 2 cores.
 set -euo pipefail
