@@ -14,6 +14,7 @@ _LAZY = {
     "apply_lora": "gircse.training.trainer",
     "batch_gradients": "gircse.training.trainer",
     "embed_texts": "gircse.training.trainer",
+    "export_checkpoint": "gircse.training.trainer",
     "train": "gircse.training.trainer",
     "trainable_parameters": "gircse.training.trainer",
 }

@@ -326,3 +326,44 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
+
+
+def export_checkpoint(model, checkpoint, out) -> int:
+    """Write the GIRCSE directory (``gircse_config.json`` + peft adapter) of the weights in a training
+    checkpoint, loadable with ``GIRCSE.from_pretrained(out)``: a run evaluated at an earlier step than
+    its end (e.g. at the wall-clock time another run took). Returns the checkpoint's step.
+
+    ``model``: the run's base model (a ``GIRCSE`` without an adapter, or a name/path for
+    ``GIRCSE.from_pretrained``); ``checkpoint``: a ``checkpoint.safetensors`` written by :func:`train`
+    (its training config gives the method, K, max_length and LoRA settings).
+    """
+    from safetensors import safe_open
+
+    checkpoint, out = as_path("checkpoint", checkpoint), as_path("out", out)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"no such checkpoint file: {checkpoint}")
+    with safe_open(checkpoint, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != "gircse-train-checkpoint-1":
+            raise ValueError(f"checkpoint: {checkpoint} is not a gircse training checkpoint "
+                             f"(format {metadata.get('format')!r})")
+        info = json.loads(metadata["info"])
+        config = TrainConfig(**info["config"]).validate()
+        if isinstance(model, (str, os.PathLike)):
+            from ..model import GIRCSE
+
+            model = GIRCSE.from_pretrained(model, method=config.method, k=config.k, max_length=config.max_length)
+        if hasattr(model.model, "peft_config"):
+            raise ValueError("model: pass the base model; it already has an adapter")
+        model.method, model.k, model.max_length = config.method, config.k, config.max_length
+        apply_lora(model, config)
+        params = trainable_parameters(model)
+        missing = [name for name in params if f"model.{name}" not in f.keys()]
+        if missing:
+            raise ValueError(f"checkpoint: {checkpoint} lacks trainable parameters {missing[:3]} (another base model?)")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(f.get_tensor(f"model.{name}"))
+    model.eval()
+    model.save_pretrained(out)
+    return int(info["step"])

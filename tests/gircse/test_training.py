@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,27 @@ def test_resume_names_a_malformed_log_line(tmp_path):
     log.write_text('{"step": 1}\n{"step": 2\n')
     with pytest.raises(DataError, match="train_log.jsonl:2: invalid JSON"):
         _rewrite_log(str(log), 1)
+
+
+def test_export_checkpoint_gives_the_runs_model(tiny_base_dir, tmp_path):
+    """The adapter exported from the final checkpoint embeds exactly like the run's own saved model;
+    a file that is not a training checkpoint is refused by name."""
+    from gircse import GIRCSE
+    from gircse.training import export_checkpoint
+
+    data = tmp_path / "d.jsonl"
+    write_rows(data, make_rows(8))
+    config = TrainConfig(k=2, batch_size=4, lora_r=2, lr=1e-2, checkpoint_every=1, progress=False, max_length=48)
+    train(tiny_base_dir, data, tmp_path / "run", config)
+    step = export_checkpoint(tiny_base_dir, tmp_path / "run" / "checkpoint.safetensors", tmp_path / "exported")
+    assert step == 2
+    texts = ["the cat sat on the mat", "rain"]
+    saved, exported = GIRCSE.from_pretrained(tmp_path / "run"), GIRCSE.from_pretrained(tmp_path / "exported")
+    assert exported.k == 2 and exported.max_length == 48
+    assert np.array_equal(saved.encode(texts), exported.encode(texts))
+    assert not np.allclose(GIRCSE.from_pretrained(tiny_base_dir, k=2).encode(texts), saved.encode(texts))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="bad.safetensors|header|safetensors"):
+        export_checkpoint(tiny_base_dir, tmp_path / "bad.safetensors", tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        export_checkpoint(tiny_base_dir, tmp_path / "missing.safetensors", tmp_path / "x")
