@@ -13,14 +13,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench.checks import REL_TOL
 from bench.cpu_kinds import BF16_PEER_MAX_ROWS, KINDS, NEEDS
-from bench.harness import REPO, environment
+from bench.harness import REPO, _cpuinfo
 
 # Our op's error bound per dtype: the package's tolerance (bench/checks.py) plus the rounding of a
 # bf16 result (2^-8 relative to its largest element); the reference is fp32 / fp64 (``truth``).
-BOUND = {"bf16": REL_TOL[__import__("torch").bfloat16] + 2 ** -8, "fp32": REL_TOL[__import__("torch").float32]}
+BOUND = {"bf16": REL_TOL[torch.bfloat16] + 2 ** -8, "fp32": REL_TOL[torch.float32]}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_bench_cpu_kind(kind, kinds_table, report, size, device):
     from bench.test_bench_op import backends
     if "cpu" not in backends(device):
         pytest.skip("the C++ extension is not built")
-    flags = set(environment()["cpu_flags"]) | _all_flags()
+    flags = _cpuinfo()[1]
     missing = [f for f in NEEDS[kind] if f not in flags]
     if missing:
         pytest.skip(f"this CPU cannot emulate {kind}: it lacks {missing}")
@@ -79,14 +80,3 @@ def test_bench_cpu_kind(kind, kinds_table, report, size, device):
     failed = [c for c in report.checks if c.section == "cpu-kinds" and c.what.startswith(kind + " ") and not c.passed]
     assert not failed, "; ".join(f"{c.what}: {c.error:.2e} > {c.bound:.2e}" for c in failed)
 
-
-def _all_flags() -> set[str]:
-    """Every CPU flag (environment() keeps only the ones the report names)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()

@@ -11,12 +11,7 @@ import sys
 import pytest
 
 from bench.cpu_kinds import KINDS, NEEDS, grid
-from bench.harness import REPO
-
-
-def _flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+from bench.harness import REPO, _cpuinfo
 
 
 def test_kinds_and_grids_are_consistent():
@@ -25,7 +20,7 @@ def test_kinds_and_grids_are_consistent():
         assert grid(size) and all(rows >= 1 for _, rows in grid(size))
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or not {"avx2", "fma"} <= _flags(),
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpuinfo()[1],
                     reason="needs an x86 CPU with AVX2 to emulate an AVX2-only one")
 def test_avx2_emulation_switches_every_path():
     pytest.importorskip("gircse_kernels._C", reason="the C++ extension is not built")
