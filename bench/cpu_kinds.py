@@ -17,7 +17,7 @@ inside one emulated process are what the report shows.
 
 ``python -m bench.cpu_kinds --size default`` (with the variables set) prints one JSON object:
 ``capabilities``, ``plans`` and ``rows`` (one per shape, B and pass: times in seconds, relative
-errors of our op against the reference). ``bench/test_bench_cpu_kinds.py`` starts it once per kind.
+errors of our op against the reference); :func:`run_kind` starts it with a kind's caps.
 """
 from __future__ import annotations
 
@@ -83,6 +83,21 @@ def measure(size: str) -> dict:
             result["rows"].append({"shape": shape_name, "B": rows, "pass": pass_, "errors": errors,
                                    "seconds": {n: m.seconds for n, m in timed.items()}})
     return result
+
+
+def run_kind(kind: str, size: str) -> dict:
+    """:func:`measure` in a fresh interpreter with ``kind``'s caps set (the libraries read them at start-up)."""
+    import os
+    import subprocess
+
+    from bench.harness import REPO
+
+    env = dict(os.environ, **KINDS[kind], PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.cpu_kinds", "--size", size], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.cpu_kinds ({kind}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:

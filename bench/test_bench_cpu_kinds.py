@@ -7,17 +7,12 @@ CPU: a bf16 call within 1.3x of the same call in fp32, so the table's key column
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from bench.checks import REL_TOL
-from bench.cpu_kinds import BF16_PEER_MAX_ROWS, KINDS, NEEDS
-from bench.harness import REPO, _cpuinfo
+from bench.cpu_kinds import BF16_PEER_MAX_ROWS, KINDS, NEEDS, run_kind
+from bench.harness import _cpuinfo
 
 # Our op's error bound per dtype: the package's tolerance (bench/checks.py) plus the rounding of a
 # bf16 result (2^-8 relative to its largest element); the reference is fp32 / fp64 (``truth``).
@@ -54,11 +49,7 @@ def test_bench_cpu_kind(kind, kinds_table, report, size, device):
     missing = [f for f in NEEDS[kind] if f not in flags]
     if missing:
         pytest.skip(f"this CPU cannot emulate {kind}: it lacks {missing}")
-    env = dict(os.environ, **KINDS[kind], PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench.cpu_kinds", "--size", size], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f"bench.cpu_kinds ({kind}) failed:\n{proc.stderr[-4000:]}"
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_kind(kind, size)
     caps = result["capabilities"]
     for row in result["rows"]:
         where = f"{kind} {row['shape']} B={row['B']} {row['pass']}"

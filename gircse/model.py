@@ -178,10 +178,14 @@ class GIRCSE(nn.Module):
         the special tokens of ``prompt_style``, the EOS of the EOS methods, truncation to ``max_length``.
         Two-stage: the text before its generated expansion (stage 1 is not run). ``tokenizer``: a copy to
         use instead of the model's (tokenizers are not shareable across threads)."""
-        ids = token_ids(tokenizer or self.tokenizer, validate_texts(texts), instruction, self.max_length,
-                        append_eos=self.method in ("causal-eos", "two-stage"), query_format=self.query_format,
-                        add_special_tokens=self.prompt_style != "reference")
-        return [len(x) for x in ids]
+        return [len(x) for x in self._prompt_token_ids(validate_texts(texts), instruction, tokenizer=tokenizer)]
+
+    def _prompt_token_ids(self, texts: list[str], instruction, *, tokenizer=None,
+                          truncated: list[int] | None = None) -> list[list[int]]:
+        """Token ids of the texts as given: this model's query format, prompt style, EOS and max_length."""
+        return token_ids(tokenizer or self.tokenizer, texts, instruction, self.max_length,
+                         append_eos=self.method in ("causal-eos", "two-stage"), query_format=self.query_format,
+                         add_special_tokens=self.prompt_style != "reference", truncated=truncated)
 
     def _token_ids(self, texts: list[str], instruction, k: int | None = None) -> list[list[int]]:
         if self.method == "two-stage":  # stage 1: the backbone writes each text's expansion
@@ -189,9 +193,7 @@ class GIRCSE(nn.Module):
 
             texts = [join_expansion(t, e) for t, e in zip(texts, self.expand(texts, k=k))]
         truncated: list[int] = []
-        ids = token_ids(self.tokenizer, texts, instruction, self.max_length,
-                        append_eos=self.method in ("causal-eos", "two-stage"), query_format=self.query_format,
-                        add_special_tokens=self.prompt_style != "reference", truncated=truncated)
+        ids = self._prompt_token_ids(texts, instruction, truncated=truncated)
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
             warnings.warn(f"gircse: {len(truncated)} of {len(texts)} inputs exceed max_length={self.max_length} "

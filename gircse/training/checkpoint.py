@@ -16,9 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CHECKPOINT_FILE", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FILE", "checkpoint_info", "load_checkpoint", "load_weights", "save_checkpoint"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT = "gircse-train-checkpoint-1"
 
 
 def save_checkpoint(path: str, *, named_params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -36,7 +37,7 @@ def save_checkpoint(path: str, *, named_params: dict[str, torch.Tensor], optimiz
         "info": json.dumps(info),
         "param_groups": json.dumps(state["param_groups"]),
         "scheduler": json.dumps(scheduler.state_dict()),
-        "format": "gircse-train-checkpoint-1",
+        "format": FORMAT,
     }
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -46,18 +47,38 @@ def save_checkpoint(path: str, *, named_params: dict[str, torch.Tensor], optimiz
     os.replace(tmp, path)
 
 
+def _restore_weights(f, path: str, named_params: dict[str, torch.Tensor]) -> None:
+    keys = set(f.keys())
+    missing = [n for n in named_params if f"model.{n}" not in keys]
+    if missing:
+        raise ValueError(f"{path} lacks trainable parameters {missing[:3]}... (different LoRA config?)")
+    with torch.no_grad():
+        for name, p in named_params.items():
+            p.copy_(f.get_tensor(f"model.{name}"))
+
+
+def checkpoint_info(path: str) -> dict:
+    """The ``info`` dict of a checkpoint (step, rows consumed, training config, ...), without its tensors."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: {path} is not a gircse training checkpoint (format {metadata.get('format')!r})")
+    return json.loads(metadata["info"])
+
+
+def load_weights(path: str, *, named_params: dict[str, torch.Tensor]) -> None:
+    """Restore only the trainable weights (in place), e.g. to export a run at a checkpoint's step."""
+    with safe_open(path, framework="pt") as f:
+        _restore_weights(f, path, named_params)
+
+
 def load_checkpoint(path: str, *, named_params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler) -> dict:
     """Restore weights (in place), optimizer, scheduler and RNG; returns the ``info`` dict."""
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
         keys = set(f.keys())
-        missing = [n for n in named_params if f"model.{n}" not in keys]
-        if missing:
-            raise ValueError(f"{path} lacks trainable parameters {missing[:3]}... (different LoRA config?)")
-        with torch.no_grad():
-            for name, p in named_params.items():
-                p.copy_(f.get_tensor(f"model.{name}"))
+        _restore_weights(f, path, named_params)
         state: dict = {}
         for key in keys:
             if key.startswith("optimizer."):

@@ -41,7 +41,7 @@ from ..data.jsonl import count_rows, iter_rows, json_line
 from ..losses import icr_loss
 from ..validation import as_path
 from . import distributed as D
-from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FILE, checkpoint_info, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 
 __all__ = ["TrainConfig", "apply_lora", "batch_gradients", "check_training_file", "embed_texts", "train",
@@ -67,6 +67,17 @@ def apply_lora(model, config: TrainConfig):
                       target_modules=config.lora_target_modules, bias="none")
     model.model = get_peft_model(model.model, lora)
     return model
+
+
+def _with_lora(model, config: TrainConfig):
+    """The model a run trains: ``model`` (or ``GIRCSE.from_pretrained(model)`` for a name / path) with the
+    config's method, K and max_length, and its LoRA adapter (:func:`apply_lora`)."""
+    if isinstance(model, (str, os.PathLike)):
+        from ..model import GIRCSE
+
+        model = GIRCSE.from_pretrained(model, method=config.method, k=config.k, max_length=config.max_length)
+    model.method, model.k, model.max_length = config.method, config.k, config.max_length
+    return apply_lora(model, config)
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -225,12 +236,7 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
     owns_group = D.setup_from_env()
     world, rank = D.world_size(), D.rank()
     try:
-        if isinstance(model, (str, os.PathLike)):
-            from ..model import GIRCSE
-
-            model = GIRCSE.from_pretrained(model, method=config.method, k=config.k, max_length=config.max_length)
-        model.method, model.k, model.max_length = config.method, config.k, config.max_length
-        apply_lora(model, config)
+        model = _with_lora(model, config)
         model.train()
         if config.gradient_checkpointing:
             from ..generation import base_causal_lm
@@ -337,33 +343,15 @@ def export_checkpoint(model, checkpoint, out) -> int:
     ``GIRCSE.from_pretrained``); ``checkpoint``: a ``checkpoint.safetensors`` written by :func:`train`
     (its training config gives the method, K, max_length and LoRA settings).
     """
-    from safetensors import safe_open
-
     checkpoint, out = as_path("checkpoint", checkpoint), as_path("out", out)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"no such checkpoint file: {checkpoint}")
-    with safe_open(checkpoint, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != "gircse-train-checkpoint-1":
-            raise ValueError(f"checkpoint: {checkpoint} is not a gircse training checkpoint "
-                             f"(format {metadata.get('format')!r})")
-        info = json.loads(metadata["info"])
-        config = TrainConfig(**info["config"]).validate()
-        if isinstance(model, (str, os.PathLike)):
-            from ..model import GIRCSE
-
-            model = GIRCSE.from_pretrained(model, method=config.method, k=config.k, max_length=config.max_length)
-        if hasattr(model.model, "peft_config"):
-            raise ValueError("model: pass the base model; it already has an adapter")
-        model.method, model.k, model.max_length = config.method, config.k, config.max_length
-        apply_lora(model, config)
-        params = trainable_parameters(model)
-        missing = [name for name in params if f"model.{name}" not in f.keys()]
-        if missing:
-            raise ValueError(f"checkpoint: {checkpoint} lacks trainable parameters {missing[:3]} (another base model?)")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(f.get_tensor(f"model.{name}"))
+    info = checkpoint_info(checkpoint)
+    config = TrainConfig(**info["config"]).validate()
+    if not isinstance(model, (str, os.PathLike)) and hasattr(model.model, "peft_config"):
+        raise ValueError("model: pass the base model; it already has an adapter")
+    model = _with_lora(model, config)
+    load_weights(checkpoint, named_params=trainable_parameters(model))
     model.eval()
     model.save_pretrained(out)
     return int(info["step"])

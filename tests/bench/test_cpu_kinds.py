@@ -3,15 +3,10 @@
 Nothing here times anything (the figures are ``pytest bench/``'s)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from bench.cpu_kinds import KINDS, NEEDS, grid
-from bench.harness import REPO, _cpuinfo
+from bench.cpu_kinds import KINDS, NEEDS, grid, run_kind
+from bench.harness import _cpuinfo
 
 
 def test_kinds_and_grids_are_consistent():
@@ -24,11 +19,7 @@ def test_kinds_and_grids_are_consistent():
                     reason="needs an x86 CPU with AVX2 to emulate an AVX2-only one")
 def test_avx2_emulation_switches_every_path():
     pytest.importorskip("gircse_kernels._C", reason="the C++ extension is not built")
-    env = dict(os.environ, **KINDS["avx2"], PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench.cpu_kinds", "--size", "quick"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_kind("avx2", "quick")
     caps = result["capabilities"]
     assert caps["torch_capability"] == "AVX2"
     assert caps["gemm_for_bf16"] == "fp32"  # oneDNN capped at AVX2: the bf16 brgemm probe fails, tiles upcast
