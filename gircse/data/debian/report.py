@@ -35,14 +35,18 @@ def plot_k_scaling(results: dict[str, dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     metrics = [("retrieval", "ndcg@10", "retrieval nDCG@10"), ("classification", "knn_accuracy", "section kNN accuracy")]
+    baseline_styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]  # one per one-step baseline, so they stay apart
     for ax, (task, metric, title) in zip(axes, metrics):
+        baselines = 0
         for label, result in results.items():
             ks = result["k"]
             ys = [result[task][str(k)][metric] for k in ks]
             if result["method"] == "gircse":
                 ax.plot(ks, ys, marker="o", label=label)
             else:
-                ax.axhline(ys[0], linestyle="--", color="gray" if "raw" in label else "black", label=label)
+                ax.axhline(ys[0], linestyle=baseline_styles[baselines % len(baseline_styles)],
+                           color="gray" if "raw" in label else "black", label=label)
+                baselines += 1
         ax.set_xlabel("K (soft tokens at test time)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

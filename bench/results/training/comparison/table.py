@@ -9,23 +9,25 @@ ROOT = os.path.join("bench", "results", "training")
 RUNS = [  # (label, dev results, training config or None for an untrained model)
     ("raw SmolLM2, EOS state", "raw-causal-eos.json", None),
     ("raw SmolLM2, GIRCSE", "raw-gircse.json", None),
-    ("shipped Causal-EOS", "trained-causal-eos.json", "causal-eos_train_config.json"),
-    ("shipped GIRCSE", "trained-gircse.json", "gircse_train_config.json"),
+    ("Causal-EOS, first run", "trained-causal-eos.json", "causal-eos_train_config.json"),
+    ("GIRCSE, first run (default adapter until now)", "trained-gircse.json", "gircse_train_config.json"),
     ("Causal-EOS, 150 steps", "lr-sweep-150-steps-causal-eos/causal-eos-lr1e-4/dev.json",
      "lr-sweep-150-steps-causal-eos/causal-eos-lr1e-4/train_config.json"),
     ("Causal-EOS, tau 0.05", "comparison/causal-eos-tau0.05/dev.json", "comparison/causal-eos-tau0.05/train_config.json"),
-    ("GIRCSE, tau 0.05", "comparison/gircse-tau0.05/dev.json", "comparison/gircse-tau0.05/train_config.json"),
+    ("GIRCSE, tau 0.05 (the default adapter)", "comparison/gircse-tau0.05/dev.json", "comparison/gircse-tau0.05/train_config.json"),
     ("GIRCSE, tau 0.05, at step 200", "comparison/gircse-tau0.05/step200-dev.json",
      "comparison/gircse-tau0.05/train_config.json"),
     ("GIRCSE, tau 0.05, at step 250", "comparison/gircse-tau0.05/step250-dev.json",
      "comparison/gircse-tau0.05/train_config.json"),
+    ("GIRCSE, tau 0.05, step losses averaged", "comparison/gircse-tau0.05-mean/dev.json",
+     "comparison/gircse-tau0.05-mean/train_config.json"),
 ]
 
 
 def main():
-    print("| model | tau | hard negatives | lr | steps trained (of its schedule) | K | nDCG@10 | MRR@10 | R@1 | R@10 "
-          "| section kNN acc |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | tau | hard negatives | lr | step losses | steps trained (of its schedule) | K | nDCG@10 | MRR@10 "
+          "| R@1 | R@10 | section kNN acc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, dev_path, config_path in RUNS:
         dev_path = os.path.join(ROOT, dev_path)
         if not os.path.exists(dev_path):
@@ -34,9 +36,11 @@ def main():
         if config_path:
             c = json.load(open(os.path.join(ROOT, config_path)))
             steps = label.rsplit("step ", 1)[1] if "at step" in label else str(c["total_steps"])
-            setting = [str(c["temperature"]), str(c["num_negatives"]), f"{c['lr']:g}", f"{steps} ({c['total_steps']})"]
+            reduction = c.get("step_reduction", "sum") if c["method"] == "gircse" else "-"
+            setting = [str(c["temperature"]), str(c["num_negatives"]), f"{c['lr']:g}", reduction,
+                       f"{steps} ({c['total_steps']})"]
         else:
-            setting = ["-"] * 4
+            setting = ["-"] * 5
         for k in dev["k"]:
             r, cl = dev["retrieval"][str(k)], dev["classification"][str(k)]
             k_text = str(k) if dev["method"] == "gircse" else "-"
