@@ -63,8 +63,10 @@ SUM_BLOCK_N = 256
 GEMM_MIN_ROWS = 17
 GEMM_MIN_ROWS_NARROW = 64
 NARROW_WIDTH = 1024
-# Its [rows, chunk] buffers (logits and dp in fp32, p and dz in the inputs' dtype) stay under this, and
-# a chunk never spans more than half the vocabulary: nothing of size B x V is allocated.
+# Its [rows, chunk] buffers (logits and dp in fp32, p and dz in the inputs' dtype) stay under this (a
+# chunk is never narrower than GEMM_CHUNK_ALIGN columns, so above ~170K rows per call they grow as
+# rows x 128 x 12 bytes, about 1.3x the bf16 hidden states themselves at d = 576), and a chunk never spans
+# more than half the vocabulary: nothing of size B x V is allocated.
 GEMM_BUFFER_BYTES = 256 << 20
 GEMM_CHUNK_ALIGN = 128
 # Elementwise kernels of the GEMM path: columns per step (row softmax), columns x rows per program (grad).
