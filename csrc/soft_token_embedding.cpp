@@ -1127,8 +1127,9 @@ constexpr int64_t kPartialBudget = 64ll << 20;
 // the tile (p E, dz W), below which those GEMMs spend more time loading and storing their fp32
 // accumulators than multiplying (measured on the AVX512-BF16 machine: d = 3584 backward 1.3x slower
 // with 64-row tiles than with 256). So every real width (d + d_e >= 1024) gets 256 rows: measured
-// side by side there, SmolLM2 and Qwen2.5-0.5B at B = 64 and 512 ran within 1% of the 2^20-element
-// tiles (896 and 576 rows) used before, with 40-60% less extra memory at B = 64.
+// side by side there (bench/results/cpu-amd-epyc-avx512bf16-2c/tile-size/), SmolLM2 and Qwen2.5-0.5B
+// at B = 64 and 512 ran at 0.96-1.01x the time of the 2^20-element tiles (896 and 576 rows) used
+// before, with 40-60% less extra memory at B = 64.
 constexpr int64_t kTileElems = 1ll << 18;
 constexpr int64_t kMinTileV = 256;
 constexpr int64_t kMaxTileV = 2048;
