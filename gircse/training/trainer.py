@@ -69,15 +69,15 @@ def apply_lora(model, config: TrainConfig):
     return model
 
 
-def _with_lora(model, config: TrainConfig):
-    """The model a run trains: ``model`` (or ``GIRCSE.from_pretrained(model)`` for a name / path) with the
-    config's method, K and max_length, and its LoRA adapter (:func:`apply_lora`)."""
+def _run_model(model, config: TrainConfig):
+    """The model a run starts from: ``model`` (or ``GIRCSE.from_pretrained(model)`` for a name / path) with
+    the config's method, K and max_length; :func:`apply_lora` comes next."""
     if isinstance(model, (str, os.PathLike)):
         from ..model import GIRCSE
 
         model = GIRCSE.from_pretrained(model, method=config.method, k=config.k, max_length=config.max_length)
     model.method, model.k, model.max_length = config.method, config.k, config.max_length
-    return apply_lora(model, config)
+    return model
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -236,7 +236,7 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
     owns_group = D.setup_from_env()
     world, rank = D.world_size(), D.rank()
     try:
-        model = _with_lora(model, config)
+        model = apply_lora(_run_model(model, config), config)
         model.train()
         if config.gradient_checkpointing:
             from ..generation import base_causal_lm
@@ -348,9 +348,10 @@ def export_checkpoint(model, checkpoint, out) -> int:
         raise FileNotFoundError(f"no such checkpoint file: {checkpoint}")
     info = checkpoint_info(checkpoint)
     config = TrainConfig(**info["config"]).validate()
-    if not isinstance(model, (str, os.PathLike)) and hasattr(model.model, "peft_config"):
+    model = _run_model(model, config)
+    if hasattr(model.model, "peft_config"):  # checked after loading: a saved directory may bring one
         raise ValueError("model: pass the base model; it already has an adapter")
-    model = _with_lora(model, config)
+    apply_lora(model, config)
     load_weights(checkpoint, named_params=trainable_parameters(model))
     model.eval()
     model.save_pretrained(out)

@@ -199,7 +199,7 @@ def test_resume_names_a_malformed_log_line(tmp_path):
 
 def test_export_checkpoint_gives_the_runs_model(tiny_base_dir, tmp_path):
     """The adapter exported from the final checkpoint embeds exactly like the run's own saved model;
-    a file that is not a training checkpoint is refused by name."""
+    a file that is not a training checkpoint, and a model that already has an adapter, are refused."""
     from gircse import GIRCSE
     from gircse.training import export_checkpoint
 
@@ -219,3 +219,7 @@ def test_export_checkpoint_gives_the_runs_model(tiny_base_dir, tmp_path):
         export_checkpoint(tiny_base_dir, tmp_path / "bad.safetensors", tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         export_checkpoint(tiny_base_dir, tmp_path / "missing.safetensors", tmp_path / "x")
+    # a model that already has an adapter is refused, in memory or as a saved directory
+    for with_adapter in (saved, tmp_path / "run"):
+        with pytest.raises(ValueError, match="already has an adapter"):
+            export_checkpoint(with_adapter, tmp_path / "run" / "checkpoint.safetensors", tmp_path / "x")
