@@ -46,7 +46,8 @@
 // Batch invariance (`batch_invariant=True`): the streaming path for every B, with a split count
 // fixed by V (not by the thread count or B) and per-row arithmetic that never mixes rows, so a row's
 // output, lse and d_hidden are bit-for-bit the same alone or inside any batch, on any thread count
-// (for a given ISA clone). Without it, the tile path's results for a row may differ in the last
+// (for a given ISA clone). Large invariant batches run in passes of rows whose partials fit the
+// 64 MiB budget (stream_forward / stream_backward), which changes no row's bits. Without it, the tile path's results for a row may differ in the last
 // bits with the batch it is in (GEMM blocking), and the streaming / tile threshold moves with B.
 #include <torch/extension.h>
 
@@ -1119,7 +1120,8 @@ int64_t ceil_div(int64_t x, int64_t k) { return (x + k - 1) / k; }
 int64_t threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
 // Per-split partial accumulators (S x B x width floats) never exceed this, whatever the thread count
-// (`partial_budget` overrides it, e.g. for tests of the row-group schedule).
+// or B: the tile path spreads rows over row groups, the streaming path runs the rows in passes (except
+// a backward with weight gradients). `partial_budget` overrides it, e.g. for tests of either schedule.
 constexpr int64_t kPartialBudget = 64ll << 20;
 // Automatic tiling: a W tile plus an E tile of about kTileElems elements (512 KiB in bf16), so tile_v
 // falls as 1 / (d + d_e) and the per-thread buffers (the packed E or W tile, the fp32 logits of a row
@@ -1304,9 +1306,9 @@ Tensor dot_operand(const Tensor& x, at::ScalarType dtype, int64_t isa) {
   return out;
 }
 
-std::tuple<Tensor, Tensor> stream_forward(const Tensor& hidden, const Tensor& weight, const Tensor& embed,
-                                          const std::optional<Tensor>& bias, const Params& prm, bool tied,
-                                          bool invariant, int64_t isa) {
+std::tuple<Tensor, Tensor> stream_forward_rows(const Tensor& hidden, const Tensor& weight, const Tensor& embed,
+                                               const std::optional<Tensor>& bias, const Params& prm, bool tied,
+                                               bool invariant, int64_t isa) {
   const Kernels& k = kernels_for(isa);
   const int64_t rows = hidden.size(0), vocab = weight.size(0), d = weight.size(1), d_e = embed.size(1);
   const int64_t S = stream_split_count(vocab, invariant), G = ceil_div(rows, kStreamRows);
@@ -1333,11 +1335,11 @@ std::tuple<Tensor, Tensor> stream_forward(const Tensor& hidden, const Tensor& we
   return merge_splits(acc, run_m, run_s, d_e);
 }
 
-void stream_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, const Tensor& embed,
-                     const std::optional<Tensor>& bias, const Tensor& lse, const Tensor& delta, const Params& prm,
-                     bool tied, bool merge_tied, double grad_filter_eps, bool invariant, int64_t isa,
-                     std::optional<Tensor>& d_hidden, std::optional<Tensor>& d_weight,
-                     std::optional<Tensor>& d_embed, std::optional<Tensor>& d_bias) {
+void stream_backward_rows(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, const Tensor& embed,
+                          const std::optional<Tensor>& bias, const Tensor& lse, const Tensor& delta, const Params& prm,
+                          bool tied, bool merge_tied, double grad_filter_eps, bool invariant, int64_t isa,
+                          std::optional<Tensor>& d_hidden, std::optional<Tensor>& d_weight,
+                          std::optional<Tensor>& d_embed, std::optional<Tensor>& d_bias) {
   const int64_t rows = hidden.size(0), vocab = weight.size(0), d = weight.size(1), d_e = embed.size(1);
   const int64_t S = stream_split_count(vocab, invariant);
   const int64_t ld = S == 1 ? d : round_up(d, 16);
@@ -1369,6 +1371,59 @@ void stream_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor&
     });
   });
   if (d_hidden) d_hidden = sum_partials(dh_part, d, hidden.scalar_type());
+}
+
+// Rows per streaming pass: the S per-split partials of a row (S x ld floats, plus its running max and
+// sum) of every row in flight stay under `budget` bytes, in whole kStreamRows groups. Only batch-
+// invariant calls stream large batches (S up to 8 there); each row's arithmetic is the same in any
+// pass, so running the rows in several passes changes no bit of the result.
+int64_t stream_pass_rows(int64_t rows, int64_t splits, int64_t width, int64_t budget) {
+  const int64_t per_row = splits * (round_up(width, 16) + 2) * static_cast<int64_t>(sizeof(float));
+  return std::min(rows, std::max<int64_t>(kStreamRows, budget / per_row / kStreamRows * kStreamRows));
+}
+
+std::tuple<Tensor, Tensor> stream_forward(const Tensor& hidden, const Tensor& weight, const Tensor& embed,
+                                          const std::optional<Tensor>& bias, const Params& prm, bool tied,
+                                          bool invariant, int64_t isa, int64_t budget) {
+  const int64_t rows = hidden.size(0);
+  const int64_t step = stream_pass_rows(rows, stream_split_count(weight.size(0), invariant), embed.size(1), budget);
+  if (step >= rows) return stream_forward_rows(hidden, weight, embed, bias, prm, tied, invariant, isa);
+  Tensor out = at::empty({rows, embed.size(1)}, hidden.options().dtype(at::kFloat));
+  Tensor lse = at::empty({rows}, out.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t n = std::min(step, rows - r0);
+    auto [o, l] = stream_forward_rows(hidden.narrow(0, r0, n), weight, embed, bias, prm, tied, invariant, isa);
+    out.narrow(0, r0, n).copy_(o);
+    lse.narrow(0, r0, n).copy_(l);
+  }
+  return {out, lse};
+}
+
+// With weight gradients every row feeds every dW / dE row, so the rows run in one pass (the partials,
+// S x B x d floats, are then no larger than dW itself while S x B <= V); d_hidden alone is per row.
+void stream_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, const Tensor& embed,
+                     const std::optional<Tensor>& bias, const Tensor& lse, const Tensor& delta, const Params& prm,
+                     bool tied, bool merge_tied, double grad_filter_eps, bool invariant, int64_t isa, int64_t budget,
+                     std::optional<Tensor>& d_hidden, std::optional<Tensor>& d_weight,
+                     std::optional<Tensor>& d_embed, std::optional<Tensor>& d_bias) {
+  const int64_t rows = hidden.size(0);
+  const int64_t step = stream_pass_rows(rows, stream_split_count(weight.size(0), invariant), hidden.size(1), budget);
+  if (step >= rows || d_weight || d_embed || d_bias || !d_hidden) {
+    stream_backward_rows(grad_out, hidden, weight, embed, bias, lse, delta, prm, tied, merge_tied, grad_filter_eps,
+                         invariant, isa, d_hidden, d_weight, d_embed, d_bias);
+    return;
+  }
+  Tensor dh = at::empty({rows, hidden.size(1)}, hidden.options());
+  std::optional<Tensor> none;
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t n = std::min(step, rows - r0);
+    std::optional<Tensor> part = Tensor();
+    stream_backward_rows(grad_out.narrow(0, r0, n), hidden.narrow(0, r0, n), weight, embed, bias,
+                         lse.narrow(0, r0, n), delta.narrow(0, r0, n), prm, tied, merge_tied, grad_filter_eps,
+                         invariant, isa, part, none, none, none);
+    dh.narrow(0, r0, n).copy_(*part);
+  }
+  d_hidden = dh;
 }
 
 // ---- Tile path
@@ -1824,7 +1879,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
                            false, batch_invariant, tile_v, row_block, partial_budget, stream_rows, isa, gemm);
   const Params prm{temperature, softcap};
   const Kernels& k = kernels_for(ch.isa);
-  if (ch.stream) return stream_forward(hidden, weight, embed, bias, prm, tied, batch_invariant, ch.isa);
+  if (ch.stream) {
+    return stream_forward(hidden, weight, embed, bias, prm, tied, batch_invariant, ch.isa,
+                          partial_budget > 0 ? partial_budget : kPartialBudget);
+  }
   return tile_forward(hidden, weight, embed, bias, prm, tied, ch.engine, ch.tiles, k);
 }
 
@@ -1862,7 +1920,8 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
   if (need_bias) d_bias = at::empty({vocab}, bias->options());
   if (ch.stream) {
     stream_backward(grad_out, hidden, weight, embed, bias, lse, delta, prm, tied, merge_tied_grads, grad_filter_eps,
-                    batch_invariant, ch.isa, d_hidden, d_weight, d_embed, d_bias);
+                    batch_invariant, ch.isa, partial_budget > 0 ? partial_budget : kPartialBudget, d_hidden, d_weight,
+                    d_embed, d_bias);
   } else {
     tile_backward(grad_out, hidden, weight, embed, bias, lse, delta, prm, tied, merge_tied_grads, grad_filter_eps,
                   ch.engine, ch.tiles, k, d_hidden, d_weight, d_embed, d_bias);
@@ -1888,7 +1947,11 @@ py::dict plan(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, const std::st
   out["isa"] = kIsaNames[ch.isa];
   out["threads"] = threads();
   if (ch.stream) {
-    out["splits"] = stream_split_count(vocab, batch_invariant);
+    const int64_t splits = stream_split_count(vocab, batch_invariant);
+    out["splits"] = splits;
+    // Row passes (backward: when d_hidden is the only gradient; with weight gradients, one pass).
+    out["groups"] = ceil_div(rows, stream_pass_rows(rows, splits, backward ? d : d_e,
+                                                    partial_budget > 0 ? partial_budget : kPartialBudget));
   } else {
     out["gemm"] = kGemmNames[ch.engine];
     out["tile_v"] = ch.tiles.tile_v;

@@ -26,9 +26,10 @@ groups take over from vocabulary splits for large B x d), plus tile-sized buffer
 
 ``batch_invariant=True`` makes a row's output, lse and d_hidden bit-for-bit independent of the batch
 it is in and of the thread count (for one ISA clone): every B streams, over a number of vocabulary
-splits fixed by V (S = clamp(V // 8192, 1, 8)), so its partials take S x B x d_e (forward) and
-S x B x d (backward) floats, and large batches run at the streaming kernel's fp32 speed instead of
-the GEMMs'. Knobs, for tests and benchmarks (a keyword argument wins over the module attribute, which
+splits fixed by V (S = clamp(V // 8192, 1, 8)); batches whose partials (S x B x d_e floats forward,
+S x B x d backward) would exceed 64 MiB run in passes of rows that fit it (a backward with weight
+gradients in one pass), which changes no row's bits. Large batches run at the streaming kernel's fp32
+speed instead of the GEMMs'. Knobs, for tests and benchmarks (a keyword argument wins over the module attribute, which
 wins over the environment):
 
 ``STREAM_ROWS`` / ``stream_rows=``
@@ -41,8 +42,8 @@ wins over the environment):
 ``tile_v=``, ``row_block=``
     the tile path's vocabulary tile and row block (0 = automatic).
 ``partial_budget=``
-    bytes the tile path's per-split partial accumulators may take (0 = 64 MiB); beyond it, rows are
-    spread over row groups instead of vocabulary splits.
+    bytes the per-split partial accumulators may take (0 = 64 MiB); beyond it, the tile path spreads
+    rows over row groups instead of vocabulary splits and the streaming path runs rows in passes.
 
 :func:`capabilities` says what the CPU offers; :func:`plan` which path and configuration a call of
 given sizes takes.
@@ -227,8 +228,9 @@ def capabilities() -> dict:
 def plan(rows, vocab, d, d_e, dtype=torch.float32, *, backward=False, batch_invariant=False, tile_v=0, row_block=0,
          partial_budget=0, stream_rows=None, isa=None, gemm=None) -> dict:
     """The path ("stream" or "tiles") and configuration a call with these sizes takes under the
-    current thread count and overrides: ``isa``, ``splits``, and for tiles ``gemm``, ``tile_v``,
-    ``row_block``, ``tiles``, ``groups``."""
+    current thread count and overrides: ``isa``, ``splits``, ``groups`` (tiles: row groups; streaming:
+    row passes, for a backward those of a d_hidden-only call), and for tiles ``gemm``, ``tile_v``,
+    ``row_block``, ``tiles``."""
     if dtype not in _DTYPES:
         raise TypeError(f"backend 'cpu': dtype must be one of {_DTYPES}, got {dtype}")
     return dict(_ext_or_raise().plan(int(rows), int(vocab), int(d), int(d_e), str(dtype).replace("torch.", ""),

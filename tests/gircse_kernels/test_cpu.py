@@ -315,9 +315,28 @@ def test_batch_invariant_rows_are_bit_identical_alone_and_in_a_batch(dtype, isa)
             for x, y in zip(alone, full):
                 assert torch.equal(x[0], y[r]), (threads, r)
     assert torch.equal(rows_of(slice(None), 1)[2], full[2])
+    # Large invariant batches run in passes of rows whose split partials fit the budget: here 16-row
+    # passes (a small budget forces 3), which must not change a bit.
+    kw["partial_budget"] = 6400
+    assert cpu.plan(37, 20011, 72, 40, dtype, batch_invariant=True, partial_budget=6400)["groups"] == 3
+    assert cpu.plan(37, 20011, 72, 40, dtype, batch_invariant=True, backward=True, partial_budget=6400)["groups"] == 3
+    for x, y in zip(rows_of(slice(None), 2), full):
+        assert torch.equal(x, y)
     # And it is the op: the same numbers as without the flag, to fp32 accuracy (sums over 20k terms).
     out32, _ = cpu.forward(h, w, e, b, temperature=0.7, softcap=8.0, stream_rows=0, gemm="fp32")
     _close(full[0], out32, 5 * AGREE_FP32)
+
+
+def test_batch_invariant_partials_stay_within_the_budget_at_any_batch():
+    """The streaming path's split partials (S x rows x width floats) stay under 64 MiB however large the
+    invariant batch: B = 4096 at Qwen2-7B's shape runs in passes of rows (forward, and a dh-only backward)."""
+    budget = 64 << 20
+    for backward in (False, True):
+        plan = cpu.plan(4096, 152064, 3584, 3584, torch.bfloat16, batch_invariant=True, backward=backward)
+        assert plan["path"] == "stream" and plan["splits"] == 8
+        rows_per_pass = -(-4096 // plan["groups"])
+        assert plan["groups"] > 1 and 8 * rows_per_pass * (3584 + 2) * 4 <= budget
+    assert cpu.plan(16, 152064, 3584, 3584, torch.bfloat16, batch_invariant=True)["groups"] == 1
 
 
 def test_capabilities_and_plan():
