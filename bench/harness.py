@@ -74,6 +74,22 @@ def peak_memory_supported(device: torch.device | str = "cpu") -> bool:
     return MALLOC_TUNED and os.path.exists(_CLEAR_REFS) and os.access(_CLEAR_REFS, os.W_OK)
 
 
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """What a benchmark may still allocate: free memory of the GPU, or the kernel's MemAvailable on
+    CPU; None where it is unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @dataclasses.dataclass
 class Measurement:
     """One method's figures: best wall seconds of its timed calls, the peak extra MiB of its memory

@@ -54,6 +54,31 @@ def test_checks_catch_what_they_must():
     report = Report(ENV, "quick")
     checks.check_close(report, "op", "ok", truth * 1.03, truth, rel_tol=0.01, baseline=truth * 1.03)
     assert report.checks[0].passed and report.checks[0].bound == pytest.approx(0.04)
+    # A baseline error computed beforehand counts the same as the baseline tensor.
+    checks.check_close(report, "op", "ok", truth * 1.03, truth, rel_tol=0.01,
+                       baseline=checks.relative_error(truth * 1.03, truth))
+    assert report.checks[1].bound == pytest.approx(0.04)
+
+
+def test_relative_error_in_chunks_equals_the_whole_tensor_formula(monkeypatch):
+    """relative_error walks the tensors in chunks (bounded fp64 copies); the figure, the non-finite result
+    and the degenerate reference must not depend on where the chunks fall."""
+    g = torch.Generator().manual_seed(3)
+    reference = torch.randn(7, 5, generator=g)
+    result = reference + 1e-3 * torch.randn(7, 5, generator=g)
+    whole = ((result.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+    for chunk in (1, 4, 35, 1 << 22):
+        monkeypatch.setattr(checks, "_CHUNK", chunk)
+        assert checks.relative_error(result, reference) == whole
+        late_nan = result.clone()
+        late_nan[6, 4] = float("nan")
+        assert checks.relative_error(late_nan, reference) == float("inf")
+        late_inf = reference.clone()
+        late_inf[6, 4] = float("inf")
+        with pytest.raises(checks.CheckFailed, match="degenerate reference"):
+            checks.relative_error(result, late_inf)
+        with pytest.raises(checks.CheckFailed, match="degenerate reference"):
+            checks.relative_error(result, torch.zeros(7, 5))
 
 
 def test_report_structure_and_readme(tmp_path):
@@ -102,3 +127,22 @@ def test_time_methods_reports_every_method():
     assert set(timed) == {"small", "big"} and all(m.seconds > 0 for m in timed.values())
     if harness.peak_memory_supported():
         assert timed["big"].peak_mib >= 60  # a 64 MiB buffer, page granularity
+
+
+def test_available_memory_and_the_op_cells_estimate():
+    """The op grid skips a cell (saying so) when its estimated peak exceeds the available memory: the
+    estimate must cover what the cell was measured to hold (Qwen2-7B bf16 B = 1: 9.1 GB RSS) and grow with
+    the weights and with B."""
+    import os
+
+    from bench.test_bench_op import SHAPES, cell_peak_bytes
+
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+        assert 0 < harness.available_bytes("cpu") <= total
+    qwen = cell_peak_bytes(SHAPES["qwen2-7b"], torch.bfloat16, 1)
+    assert qwen >= 9.1e9
+    assert cell_peak_bytes(SHAPES["qwen2-7b"], torch.float32, 1) > qwen
+    assert cell_peak_bytes(SHAPES["qwen2-7b"], torch.bfloat16, 512) > qwen
+    assert cell_peak_bytes(SHAPES["mistral-7b"], torch.bfloat16, 1) < qwen
