@@ -1,9 +1,10 @@
 """Gradient filtering (as in Cut Cross-Entropy): its semantics and its error bound.
 
 With ``grad_filter_eps = eps > 0`` a backend may skip, in the backward, every (row block, vocabulary
-tile) whose probabilities are *all* below ``eps``. Only columns j with ``max_i p_ij < eps`` can be
-skipped, so for row i the dropped probability mass is at most
-``m_i = sum_{j : max_i' p_i'j < eps} p_ij``. Writing ``g_i = |dO_i|`` (L2), ``E* = max_j |E_j|``,
+tile) whose probabilities are *all* below ``eps``. Row blocks are the backend's (16-128 rows, a pass of
+rows, or the whole batch), so a column can be skipped for row i whenever ``p_ij < eps``, even if another
+block's rows give it more: for row i the dropped probability mass is at most
+``m_i = sum_{j : p_ij < eps} p_ij``, whatever the blocking. Writing ``g_i = |dO_i|`` (L2), ``E* = max_j |E_j|``,
 ``W* = max_j |W_j|``, the dropped raw-logit gradient obeys ``|dz_ij| <= 2 p_ij g_i E* / T`` (since
 ``|dp_j| <= g_i E*`` and ``|delta_i| <= g_i E*``; the softcap factor is <= 1), hence, elementwise:
 
@@ -31,8 +32,7 @@ def gradient_filter_bound(hidden, lm_head_weight, embed_weight, lm_head_bias, gr
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     p = torch.softmax(z, -1)
-    skippable = p.amax(dim=0) < eps
-    mass = (p * skippable).sum(dim=1)
+    mass = (p * (p < eps)).sum(dim=1)  # per row: a block of rows may skip any column where p_ij < eps
     g = grad_out.double().norm(dim=-1)
     e_max, w_max = e.norm(dim=-1).max(), w.norm(dim=-1).max()
     return {
