@@ -47,8 +47,9 @@
 // fixed by V (not by the thread count or B) and per-row arithmetic that never mixes rows, so a row's
 // output, lse and d_hidden are bit-for-bit the same alone or inside any batch, on any thread count
 // (for a given ISA clone). Large invariant batches run in passes of rows whose partials fit the
-// 64 MiB budget (stream_forward / stream_backward), which changes no row's bits. Without it, the tile path's results for a row may differ in the last
-// bits with the batch it is in (GEMM blocking), and the streaming / tile threshold moves with B.
+// 64 MiB budget (stream_forward / stream_backward), which changes no row's bits. Without it, the
+// tile path's results for a row may differ in the last bits with the batch it is in (GEMM
+// blocking), and the streaming / tile threshold moves with B.
 #include <torch/extension.h>
 
 #include <ATen/Context.h>

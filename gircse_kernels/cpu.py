@@ -29,8 +29,8 @@ it is in and of the thread count (for one ISA clone): every B streams, over a nu
 splits fixed by V (S = clamp(V // 8192, 1, 8)); batches whose partials (S x B x d_e floats forward,
 S x B x d backward) would exceed 64 MiB run in passes of rows that fit it (a backward with weight
 gradients in one pass), which changes no row's bits. Large batches run at the streaming kernel's fp32
-speed instead of the GEMMs'. Knobs, for tests and benchmarks (a keyword argument wins over the module attribute, which
-wins over the environment):
+speed instead of the GEMMs'. Knobs, for tests and benchmarks (a keyword argument wins over the module
+attribute, which wins over the environment):
 
 ``STREAM_ROWS`` / ``stream_rows=``
     batches of at most this many rows stream: -1 = automatic, 0 = never, at most 64.

@@ -1,12 +1,13 @@
 """Gradient filtering (as in Cut Cross-Entropy): its semantics and its error bound.
 
 With ``grad_filter_eps = eps > 0`` a backend may skip, in the backward, every (row block, vocabulary
-tile) whose probabilities are *all* below ``eps``. Row blocks are the backend's (16-128 rows, a pass of
-rows, or the whole batch), so a column can be skipped for row i whenever ``p_ij < eps``, even if another
-block's rows give it more: for row i the dropped probability mass is at most
-``m_i = sum_{j : p_ij < eps} p_ij``, whatever the blocking. Writing ``g_i = |dO_i|`` (L2), ``E* = max_j |E_j|``,
-``W* = max_j |W_j|``, the dropped raw-logit gradient obeys ``|dz_ij| <= 2 p_ij g_i E* / T`` (since
-``|dp_j| <= g_i E*`` and ``|delta_i| <= g_i E*``; the softcap factor is <= 1), hence, elementwise:
+tile) whose probabilities are *all* below ``eps``. Row blocks are the backend's (16-128 rows, a pass
+of rows, or the whole batch), so a column can be skipped for row i whenever ``p_ij < eps``, even if
+another block's rows give it more: for row i the dropped probability mass is at most
+``m_i = sum_{j : p_ij < eps} p_ij``, whatever the blocking. Writing ``g_i = |dO_i|`` (L2),
+``E* = max_j |E_j|``, ``W* = max_j |W_j|``, the dropped raw-logit gradient obeys
+``|dz_ij| <= 2 p_ij g_i E* / T`` (since ``|dp_j| <= g_i E*`` and ``|delta_i| <= g_i E*``; the
+softcap factor is <= 1), hence, elementwise:
 
     |d hidden_i error|  <= 2 m_i g_i E* W* / T
     |d W_j error|       <= 2 eps E* / T * sum_i g_i |h_i|
