@@ -146,3 +146,16 @@ def test_available_memory_and_the_op_cells_estimate():
     assert cell_peak_bytes(SHAPES["qwen2-7b"], torch.float32, 1) > qwen
     assert cell_peak_bytes(SHAPES["qwen2-7b"], torch.bfloat16, 512) > qwen
     assert cell_peak_bytes(SHAPES["mistral-7b"], torch.bfloat16, 1) < qwen
+
+
+def test_an_op_cell_that_would_not_fit_is_skipped_with_a_note(monkeypatch):
+    """The guard runs before any input is made: with (pretend) 1 MiB available, the cell is skipped and
+    the table's note says which cell and why."""
+    from bench import test_bench_op
+
+    monkeypatch.setattr(test_bench_op, "available_bytes", lambda device: 1 << 20)
+    table = Table("op/grid", "Op grid", [])
+    with pytest.raises(pytest.skip.Exception, match="qwen2-7b bf16 B=1 not run"):
+        test_bench_op.test_bench_op(("qwen2-7b", "bf16", 1), table, None, "full", torch.device("cpu"))
+    assert "qwen2-7b bf16 B=1 not run: it needs about 11.2 GiB, 0.0 GiB were available" in table.note
+    assert not table.rows
