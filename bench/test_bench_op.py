@@ -27,7 +27,6 @@ plus the weight gradients written.
 from __future__ import annotations
 
 import functools
-import gc
 
 import pytest
 import torch
@@ -224,7 +223,6 @@ def test_bench_op(op_config, op_table, report, size, device):
                f"{free / 2**30:.1f} GiB were available")
         op_table.note = f"{op_table.note} {why}.".strip()
         pytest.skip(why)
-    gc.collect()  # the previous cell's buffers, if a reference cycle still holds them
     torch.manual_seed(0)
     h, w, e, dout = make_inputs(shape, dtype, rows, device)
     peers, ours = methods(device, shape[0], rows)

@@ -1164,10 +1164,10 @@ struct TileConfig {
   int64_t tile_v, row_block, tiles, splits, groups;
 };
 
+// `budget`: bytes the per-split partials may take (resolved by choose()).
 TileConfig tile_config(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, int64_t tile_v, int64_t row_block,
-                       int64_t partial_budget, bool backward) {
-  TORCH_CHECK(tile_v >= 0 && row_block >= 0 && partial_budget >= 0,
-              "gircse_kernels._C: tile_v, row_block and partial_budget must be >= 0");
+                       int64_t budget, bool backward) {
+  TORCH_CHECK(tile_v >= 0 && row_block >= 0, "gircse_kernels._C: tile_v and row_block must be >= 0");
   const int64_t t = threads();
   TileConfig c{};
   if (tile_v > 0) {
@@ -1180,7 +1180,6 @@ TileConfig tile_config(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, int6
   c.tile_v = std::max<int64_t>(1, std::min(c.tile_v, (vocab + 1) / 2));
   c.tiles = ceil_div(vocab, c.tile_v);
   const int64_t width = round_up(backward ? d : d_e, 16) + 2;
-  const int64_t budget = partial_budget > 0 ? partial_budget : kPartialBudget;
   const int64_t affordable = std::max<int64_t>(1, budget / (rows * width * 4));
   const int64_t block = backward && d + d_e >= kWideRows ? 2 * kRowBlock : kRowBlock;
   if (affordable >= std::min(t, c.tiles)) {  // split the vocabulary only
@@ -1853,17 +1852,20 @@ void check_params(double temperature, const std::optional<double>& softcap) {
 struct Choice {
   bool stream;
   int64_t isa, engine;
+  int64_t budget;  // bytes the per-split partials may take: `partial_budget`, or kPartialBudget for 0
   TileConfig tiles;
 };
 
 Choice choose(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, at::ScalarType dtype, bool backward,
               bool invariant, int64_t tile_v, int64_t row_block, int64_t partial_budget, int64_t stream_rows,
               const std::string& isa, const std::string& gemm) {
+  TORCH_CHECK(partial_budget >= 0, "gircse_kernels._C: partial_budget must be >= 0");
   Choice ch{};
+  ch.budget = partial_budget > 0 ? partial_budget : kPartialBudget;
   ch.isa = resolve_isa(isa);
   ch.engine = resolve_gemm(gemm, dtype, d, d_e);
   ch.stream = invariant || rows <= stream_rows_limit(stream_rows, dtype, ch.engine);
-  if (!ch.stream) ch.tiles = tile_config(rows, vocab, d, d_e, tile_v, row_block, partial_budget, backward);
+  if (!ch.stream) ch.tiles = tile_config(rows, vocab, d, d_e, tile_v, row_block, ch.budget, backward);
   return ch;
 }
 
@@ -1881,8 +1883,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   const Params prm{temperature, softcap};
   const Kernels& k = kernels_for(ch.isa);
   if (ch.stream) {
-    return stream_forward(hidden, weight, embed, bias, prm, tied, batch_invariant, ch.isa,
-                          partial_budget > 0 ? partial_budget : kPartialBudget);
+    return stream_forward(hidden, weight, embed, bias, prm, tied, batch_invariant, ch.isa, ch.budget);
   }
   return tile_forward(hidden, weight, embed, bias, prm, tied, ch.engine, ch.tiles, k);
 }
@@ -1921,8 +1922,7 @@ backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, con
   if (need_bias) d_bias = at::empty({vocab}, bias->options());
   if (ch.stream) {
     stream_backward(grad_out, hidden, weight, embed, bias, lse, delta, prm, tied, merge_tied_grads, grad_filter_eps,
-                    batch_invariant, ch.isa, partial_budget > 0 ? partial_budget : kPartialBudget, d_hidden, d_weight,
-                    d_embed, d_bias);
+                    batch_invariant, ch.isa, ch.budget, d_hidden, d_weight, d_embed, d_bias);
   } else {
     tile_backward(grad_out, hidden, weight, embed, bias, lse, delta, prm, tied, merge_tied_grads, grad_filter_eps,
                   ch.engine, ch.tiles, k, d_hidden, d_weight, d_embed, d_bias);
@@ -1951,8 +1951,7 @@ py::dict plan(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, const std::st
     const int64_t splits = stream_split_count(vocab, batch_invariant);
     out["splits"] = splits;
     // Row passes (backward: when d_hidden is the only gradient; with weight gradients, one pass).
-    out["groups"] = ceil_div(rows, stream_pass_rows(rows, splits, backward ? d : d_e,
-                                                    partial_budget > 0 ? partial_budget : kPartialBudget));
+    out["groups"] = ceil_div(rows, stream_pass_rows(rows, splits, backward ? d : d_e, ch.budget));
   } else {
     out["gemm"] = kGemmNames[ch.engine];
     out["tile_v"] = ch.tiles.tile_v;
