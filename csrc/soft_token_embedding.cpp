@@ -940,7 +940,8 @@ struct TileGradJob {
   const float* delta;  // [m]
   bool need_dz;
   // Outputs, per vocabulary row r: d raw logit in columns [0, m) and p in [p_col, p_col + m) of
-  // pd32 (fp32 engine) or pd16 (bf16 engine; columns m..p_col and beyond p_col + m up to 2 * p_col zero).
+  // pd32 (fp32 engine) or pd16 (bf16 engine; columns m..p_col and beyond p_col + m up to 2 * p_col zero),
+  // or neither (both nullptr: the bf16 engine without weight gradients).
   float* pd32;
   at::BFloat16* pd16;
   int64_t ldpd, p_col;
@@ -983,7 +984,7 @@ GI void tile_backward_elementwise_impl(const TileGradJob& j) {
         if (j.pd32) {
           vstore_part<kW>(j.pd32 + r * j.ldpd + i, dz, c);
           vstore_part<kW>(j.pd32 + r * j.ldpd + j.p_col + i, p, c);
-        } else {
+        } else if (j.pd16) {
           store_bf16<kW>(j.pd16 + r * j.ldpd + i, dz, c);
           store_bf16<kW>(j.pd16 + r * j.ldpd + j.p_col + i, p, c);
         }
@@ -1621,7 +1622,11 @@ void tile_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& w
   const auto f16 = hidden.options();
   const int64_t zcols = need_dz ? 2 * rb : rb;
   const ThreadBuffer zd_buf(t, tv * zcols, f32), bias_buf(t, tv, f32), db_buf(t, tv, f32);
-  const ThreadBuffer pd32_buf(t, bf16 ? 0 : tv * 2 * rb, f32), pd16_buf(t, bf16 ? tv * 2 * rb_pad : 0, f16);
+  // [dz | p] per vocabulary row, for the weight gradients (and, fp32 engine, dz for dh); the bf16
+  // engine's dh GEMM reads dz16 instead, so a d_hidden-only call writes no pd16.
+  const bool weight_grads = need_weight || need_embed || need_bias;
+  const ThreadBuffer pd32_buf(t, bf16 ? 0 : tv * 2 * rb, f32),
+      pd16_buf(t, bf16 && weight_grads ? tv * 2 * rb_pad : 0, f16);
   const ThreadBuffer dz16_buf(t, bf16 && need_hidden ? rb * tv_pad : 0, f16);
   const ThreadBuffer wpack_buf(t, bf16 && need_hidden ? tv_pad * d : 0, f16);
   const ThreadBuffer wrow_buf(t, bf16 && weight.stride(1) != 1 ? tv * d : 0, f16);
@@ -1630,7 +1635,6 @@ void tile_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor& w
   // fp32 weight-gradient accumulators of the tiles items work on: one tile per thread when each tile
   // belongs to one item (G == 1); with row groups (G > 1) every item keeps `per_step` tiles, which
   // the groups of a split then sum in group order (a barrier per step, so steps are made long).
-  const bool weight_grads = need_weight || need_embed || need_bias;
   const int64_t acc_width = (need_weight ? d : 0) + (need_embed && !merge_tied ? d_e : 0) + (need_bias ? 1 : 0);
   const int64_t per_step =
       G > 1 && weight_grads

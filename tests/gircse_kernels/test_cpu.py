@@ -203,6 +203,36 @@ def test_backward_tiling_and_row_groups_match(dtype, gemm):
     _close(only_embed[2], ref[2], rel)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_engine_dh_only_matches_every_gradient(tied):
+    """A d_hidden-only call of the bf16 engine (LoRA training; it writes no [dz | p] operand for weight
+    gradients) gives the same d_hidden bits as a call with every gradient, with one row block and with
+    three, and both agree with the fp32 engine (d = 150, d_e = 136: no multiple of a vector width)."""
+    if not CAPS["bf16_gemm"]:
+        pytest.skip("no native bf16 GEMM on this CPU")
+    rows, vocab, d = 40, 777, 150
+    d_e = d if tied else 136
+    h, w, e, b = make_inputs(Case(lead=(rows,), vocab=vocab, d=d, d_embed=None if tied else d_e, bias=True,
+                                  dtype=torch.bfloat16, tied=tied))
+    g = torch.randn(rows, d_e, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    kw = dict(temperature=0.9, softcap=None)
+    ref = _run(h, w, e, b, g, tied, kw, stream_rows=0, gemm="fp32")
+    for row_block in (0, 16):  # one row block, three
+        for threads in (1, 2):
+            with num_threads(threads):
+                got = _run(h, w, e, b, g, tied, kw, stream_rows=0, gemm="bf16", row_block=row_block)
+                for i, (x, y) in enumerate(zip(got, ref)):
+                    _close(x, y, [AGREE_BF16_ENGINE, AGREE_FP32][i] if i < 2 else AGREE_BF16_ENGINE_GRADS)
+                out32, lse = got[0], got[1]
+                delta = (g.float() * out32).sum(-1)
+                settings = dict(tied=tied, stream_rows=0, gemm="bf16", row_block=row_block, **kw)
+                dh_only = cpu.backward(g, h, w, e, b, lse, delta, need_hidden=True, **settings)
+                every = cpu.backward(g, h, w, e, b, lse, delta, need_hidden=True, need_weight=True,
+                                     need_embed=not tied, need_bias=True, **settings)
+                assert dh_only[1] is None and dh_only[2] is None and dh_only[3] is None
+                _close(dh_only[0], every[0], 0)
+
+
 @pytest.mark.parametrize("dtype,gemm", [(torch.float32, "auto"), (torch.bfloat16, "fp32"), (torch.bfloat16, "bf16")])
 def test_forward_row_groups_match(dtype, gemm):
     """The forward's row-group schedule (partial budget exceeded) equals the split schedule."""
