@@ -22,7 +22,9 @@ GPU: the time is an estimate), that writes
    ``scaled_dot_product_attention`` where a fused backend takes the shape; as time, % of the measured
    HBM bandwidth (one pass over W and E) and TFLOP/s, next to the roofline prediction (the model's
    assumptions and the model recalibrated with the measured bandwidths);
-5. if time is left, a small tile sweep of the decode forward (alternatives to ``triton_config.BLOCKS``).
+5. if time is left, a small tile sweep (alternatives to ``triton_config.BLOCKS`` entries, see ``SWEEP``): the
+   narrow tied models at B = 32, forward and dh, where the roofline model cannot say which side of an L2
+   cliff a GPU is on, then the decode forward.
 
 Sections past ``--budget-s`` are skipped and say so. ``--device cpu --small`` runs the same logic on tiny
 shapes under the Triton interpreter (what the CPU-side tests exercise); its timings mean nothing.
@@ -561,37 +563,75 @@ def _time_cell(name, vocab, d, de, tied, batch, pass_name, device):
 # ----------------------------------------------------------------------------------------------
 # 5. sweep
 # ----------------------------------------------------------------------------------------------
-SWEEP = {  # decode forward alternatives at real widths (the BLOCKS entry is replaced)
-    ("forward", 2, "small", "chunked"): [(16, 64, 4, 4), (16, 128, 4, 3), (16, 64, 8, 4), (16, 32, 4, 4)],
-}
+# Alternatives to the ``triton_config.BLOCKS`` entry a call uses, timed side by side with that entry
+# (timed first), each next to its roofline prediction: (pass, rows, alternatives). First the narrow tied
+# models at B = 32, where the model puts the fused kernels on an L2-residency cliff it cannot place
+# (per-program fp32 slice + re-read W tile vs L2: on the H200's side of it (32, 64) models 1.11x the
+# one-pass traffic for Qwen2.5-0.5B against 3.06x for the entry, on the H100's side 4x); then the decode
+# forward (B = 1). Calls that take the GEMM path at that B run no BLOCKS entry and are left out.
+SWEEP = (
+    ("forward", 32, [(32, 64, 8, 3), (16, 64, 8, 3), (64, 64, 8, 3)]),
+    ("dh-backward", 32, [(32, 64, 8, 3), (32, 128, 8, 3), (16, 64, 8, 3)]),
+    ("forward", 1, [(16, 128, 4, 3), (16, 64, 8, 4), (16, 32, 4, 4)]),
+)
+SWEEP_KERNELS = {"forward": "forward", "dh-backward": "backward_hidden"}
 
 
-def sweep(models, device, clock, reserve_s):
+def sweep(models, device, clock, reserve_s, hardware_model):
     import torch
 
-    from gircse_kernels import triton_config, triton_fused
+    from gircse_kernels import roofline as rl
+    from gircse_kernels import triton_config
 
     results = []
     original = dict(triton_config.BLOCKS)
+
+    def use(key, blocks):
+        triton_config.BLOCKS[key] = blocks
+        triton_config.choose_config.cache_clear()
+
     try:
-        for key, choices in SWEEP.items():
+        for pass_name, rows, alternatives in SWEEP:
             for name, (vocab, d, de, tied) in models.items():
-                for choice in choices:
+                de = d if tied else de
+                cfg = triton_config.choose_config(rows, vocab, d, de, torch.bfloat16, hardware_model.num_sms)
+                if cfg.kind == "gemm":
+                    continue
+                key = (SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
+                       triton_config.feature_mode(d, de))
+                for blocks in [original[key]] + [a for a in alternatives if a != original[key]]:
+                    row = dict(key=list(key), blocks=list(blocks), model=name, rows=rows, pass_name=pass_name,
+                               current=blocks == original[key])
                     if clock.left() < reserve_s:
-                        results.append(dict(key=list(key), blocks=list(choice), model=name, skipped="budget"))
+                        results.append(dict(row, skipped="budget"))
                         continue
-                    triton_config.BLOCKS[key] = choice
-                    triton_config.choose_config.cache_clear()
-                    h, w, e, _ = make_inputs(vocab, d, d if tied else de, torch.bfloat16, device, rows=1, tied=tied,
-                                             bias=False)
-                    seconds = timed(lambda: triton_fused.forward(h, w, e, None, temperature=1.0, softcap=None,
-                                                                 tied=tied), device)
-                    results.append(dict(key=list(key), blocks=list(choice), model=name, rows=1, seconds=seconds))
+                    use(key, blocks)
+                    row["model_s"] = rl.predict(pass_name, rows, vocab, d, de, tied=tied, hardware=hardware_model).seconds
+                    try:  # one alternative that fails to compile or run must not cost the rest of the report
+                        row["seconds"] = _sweep_time(pass_name, rows, vocab, d, de, tied, device)
+                    except Exception as exc:
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                    results.append(row)
     finally:
         triton_config.BLOCKS.clear()
         triton_config.BLOCKS.update(original)
         triton_config.choose_config.cache_clear()
     return results
+
+
+def _sweep_time(pass_name, rows, vocab, d, de, tied, device):
+    import torch
+
+    from gircse_kernels import triton_fused
+
+    h, w, e, _ = make_inputs(vocab, d, de, torch.bfloat16, device, rows=rows, tied=tied, bias=False)
+    kw = dict(temperature=1.0, softcap=None, tied=tied)
+    if pass_name == "forward":
+        return timed(lambda: triton_fused.forward(h, w, e, None, **kw), device)
+    out32, lse = triton_fused.forward(h, w, e, None, **kw)
+    go = torch.randn(rows, de, device=device, dtype=torch.bfloat16)
+    delta = (go.float() * out32).sum(-1)
+    return timed(lambda: triton_fused.backward(go, h, w, e, None, lse, delta, **kw), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,11 +692,14 @@ def markdown(report) -> str:
                      f"{_ms(r['model_measured_hw_s'])} | {_ms(r['ideal_s'])} |" if r.get("triton_s") else
                      f"| {r['model']} | {r['rows']} | {r['pass_name']} | {r.get('error', '')[:60]} |||||||||")
     if report.get("sweep"):
-        lines += ["", "## Decode forward tile sweep (B = 1)", "", "| BLOCKS entry | blocks (M, V, warps, stages) | model | ms |",
-                  "|---|---|---|---|"]
+        lines += ["", "## Tile sweep (alternatives to a BLOCKS entry, side by side; * = the entry in use)", "",
+                  "| model | B | pass | BLOCKS entry | blocks (M, V, warps, stages) | ms | roofline ms |",
+                  "|---|---|---|---|---|---|---|"]
         for s in report["sweep"]:
-            lines.append(f"| {tuple(s['key'])} | {tuple(s['blocks'])} | {s['model']} | "
-                         f"{_ms(s.get('seconds')) or s.get('skipped', '')} |")
+            lines.append(f"| {s['model']} | {s['rows']} | {s['pass_name']} | {tuple(s['key'])} | "
+                         f"{tuple(s['blocks'])}{' *' if s['current'] else ''} | "
+                         f"{_ms(s.get('seconds')) or s.get('skipped', '') or s.get('error', '')[:60]} | "
+                         f"{_ms(s.get('model_s'))} |")
     if report.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in report["errors"]]
     return "\n".join(lines) + "\n"
@@ -739,8 +782,7 @@ def run(args) -> dict:
         if clock.left() < reserve["sweep"] * args.budget_s:
             report["skipped"]["sweep"] = "budget"
         else:
-            report["sweep"] = sweep({k: v for k, v in args.model_shapes.items() if max(v[1], v[2]) > 128}, device,
-                                    clock, reserve["sweep"] * args.budget_s)
+            report["sweep"] = sweep(args.model_shapes, device, clock, reserve["sweep"] * args.budget_s, hardware_model)
     report["wall_s"] = clock.elapsed()
     report["ok"] = all(c.get("ok") for c in report.get("correctness", [])) and \
         all(g.get("ok") for g in report.get("graphs") or [])

@@ -64,11 +64,15 @@ def test_markdown_renders_every_section():
                                 chunked_s=3e-3, sdpa_s=4e-3, sdpa_backend="flash_attention", hbm_fraction=0.8,
                                 tflops=1.5, model_s=9e-4, model_measured_hw_s=1e-3, ideal_s=8e-4),
                            dict(model="m", rows=8, pass_name="forward", skipped="budget")],
-                  sweep=[dict(key=["forward", 2, "small", "chunked"], blocks=[16, 64, 4, 4], model="m", seconds=1e-3)])
+                  sweep=[dict(key=["forward", 2, "small", "chunked"], blocks=[16, 64, 4, 4], model="m", rows=1,
+                              pass_name="forward", current=True, seconds=1e-3, model_s=2e-3),
+                         dict(key=["forward", 2, "small", "chunked"], blocks=[16, 32, 4, 4], model="m", rows=1,
+                              pass_name="forward", current=False, skipped="budget")])
     text = gpu_check.markdown(report)
     for needle in ("4.3 TB/s", "| m | 1 | bfloat16 | True | None | decode | output |", "FAILED", "replay equals eager",
                    "FAILED: capture", "| 1.000 | 2.000 | 3.000 | 4.000 (flash_attention) | 80 |", "skipped (budget)",
-                   "(16, 64, 4, 4)", "boom"):
+                   "| m | 1 | forward | ('forward', 2, 'small', 'chunked') | (16, 64, 4, 4) * | 1.000 | 2.000 |",
+                   "| (16, 32, 4, 4) | budget |", "boom"):
         assert needle in text, needle
 
 
@@ -85,7 +89,14 @@ def test_cpu_run_of_every_section(tmp_path):
     assert {"decode", "gemm"} <= paths  # the fused kernels and the GEMM path were both checked
     assert {r["pass_name"] for r in report["timings"]} == set(gpu_check.PASSES)
     assert all(r["triton_s"] > 0 and r["model_s"] > 0 for r in report["timings"])
-    assert report["sweep"] and all("seconds" in s for s in report["sweep"])
+    assert report["sweep"] and all(s["seconds"] > 0 and s["model_s"] > 0 for s in report["sweep"])
+    # every swept (pass, B) times the entry in use first, then the alternatives
+    swept = {(s["pass_name"], s["rows"]) for s in report["sweep"]}
+    assert swept == {(p, b) for p, b, _ in gpu_check.SWEEP}, swept
+    for p, b, alternatives in gpu_check.SWEEP:
+        cells = [s for s in report["sweep"] if (s["pass_name"], s["rows"]) == (p, b)]
+        assert cells[0]["current"] and not any(s["current"] for s in cells[1:])
+        assert {tuple(s["blocks"]) for s in cells[1:]} <= set(alternatives)
     text = (tmp_path / "gpu_check.md").read_text()
     assert "## Correctness" in text and "## Timings" in text and "CUDA graphs need a GPU" in text
 
@@ -121,3 +132,35 @@ def test_precompile_plans_are_the_launches_that_run(pass_name, rows, tied, bias,
         return launch.name, launch.grid, sorted(map(str, const.items())), str(sig), str(attrs)
 
     assert [key(x) for x in ran] == [key(x) for x in planned]
+
+
+def test_sweep_times_the_entry_first_and_survives_a_failing_alternative(monkeypatch):
+    """Per swept (pass, B): the BLOCKS entry in use, then the alternatives, each with its roofline prediction;
+    an alternative that fails is reported with its error and the sweep goes on; BLOCKS is restored."""
+    from gircse_kernels import roofline, triton_config
+
+    before = dict(triton_config.BLOCKS)
+    seen = []
+
+    def fake_time(pass_name, rows, vocab, d, de, tied, device):
+        key = (gpu_check.SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
+               triton_config.feature_mode(d, de))
+        seen.append(triton_config.BLOCKS[key])  # the alternative is in place while it is timed
+        if len(seen) == 2:
+            raise RuntimeError("out of resources: shared memory")
+        return 1e-3 * len(seen)
+
+    monkeypatch.setattr(gpu_check, "_sweep_time", fake_time)
+    models = {"SmolLM2-135M": gpu_check.MODELS["SmolLM2-135M"]}
+    rows = gpu_check.sweep(models, "cpu", gpu_check.Clock(600), 0.0, roofline.H200)
+    assert triton_config.BLOCKS == before
+    assert [tuple(r["blocks"]) for r in rows] == seen
+    assert "out of resources" in rows[1]["error"] and "seconds" not in rows[1]
+    assert all(r["seconds"] > 0 for i, r in enumerate(rows) if i != 1) and all(r["model_s"] > 0 for r in rows)
+    # SmolLM2 takes the fused kernels at B = 32 and 1: every SWEEP entry applies, the entry in use first
+    for p, b, alternatives in gpu_check.SWEEP:
+        cells = [r for r in rows if (r["pass_name"], r["rows"]) == (p, b)]
+        assert cells[0]["current"] and [tuple(r["blocks"]) for r in cells[1:]] == [
+            a for a in alternatives if a != tuple(cells[0]["blocks"])]
+    text = gpu_check.markdown(dict(command="x", wall_s=1.0, budget_s=1.0, environment={}, sweep=rows))
+    assert "RuntimeError: out of resources" in text
