@@ -22,9 +22,9 @@ GPU: the time is an estimate), that writes
    ``scaled_dot_product_attention`` where a fused backend takes the shape; as time, % of the measured
    HBM bandwidth (one pass over W and E) and TFLOP/s, next to the roofline prediction (the model's
    assumptions and the model recalibrated with the measured bandwidths);
-5. if time is left, a small tile sweep (alternatives to ``triton_config.BLOCKS`` entries, see ``SWEEP``): the
-   narrow tied models at B = 32, forward and dh, where the roofline model cannot say which side of an L2
-   cliff a GPU is on, then the decode forward.
+5. if time is left, a sweep of the design choices the roofline model cannot settle (``SWEEP``), each timed
+   next to its prediction: tiles of the narrow tied models at B = 32 (an L2 cliff), the GEMM path's chunk
+   size at B = 128 (L2 reuse vs launches), then the decode forward's tiles.
 
 Sections past ``--budget-s`` are skipped and say so. ``--device cpu --small`` runs the same logic on tiny
 shapes under the Triton interpreter (what the CPU-side tests exercise); its timings mean nothing.
@@ -563,18 +563,35 @@ def _time_cell(name, vocab, d, de, tied, batch, pass_name, device):
 # ----------------------------------------------------------------------------------------------
 # 5. sweep
 # ----------------------------------------------------------------------------------------------
-# Alternatives to the ``triton_config.BLOCKS`` entry a call uses, timed side by side with that entry
-# (timed first), each next to its roofline prediction: (pass, rows, alternatives). First the narrow tied
-# models at B = 32, where the model puts the fused kernels on an L2-residency cliff it cannot place
-# (per-program fp32 slice + re-read W tile vs L2: on the H200's side of it (32, 64) models 1.11x the
-# one-pass traffic for Qwen2.5-0.5B against 3.06x for the entry, on the H100's side 4x); then the decode
-# forward (B = 1). Calls that take the GEMM path at that B run no BLOCKS entry and are left out.
+# Design choices the roofline model cannot settle, timed side by side on the GPU, each next to its roofline
+# prediction; the choice in use is timed first. (pass, rows, setting, alternatives):
+#   "blocks": alternatives to the ``triton_config.BLOCKS`` entry the call uses (block_m, block_v, warps,
+#       stages). The narrow tied models at B = 32 sit on an L2-residency cliff of the fused kernels (per-
+#       program fp32 slice + re-read W tile vs L2): on the H200's side of it (32, 64) models 1.11x the
+#       one-pass traffic for Qwen2.5-0.5B against 3.06x for the entry, on the H100's side 4x. Then the
+#       decode forward (B = 1).
+#   "gemm_chunk": the GEMM path's vocabulary chunk as a fraction of V (today about V / 2, bounded by
+#       GEMM_BUFFER_BYTES). Smaller chunks keep a chunk's W (tied: also its E) in L2 for the GEMM that
+#       reads it again, at the price of launches and per-chunk rescaling: at B = 128 the model has
+#       Qwen2.5-0.5B's forward at 2.58x the one-pass traffic with V / 2 and 1.11x with V / 16, but slower
+#       (248 -> 399 us on the H200), and V / 4 faster in time on both GPUs while still at 2.02x.
+# Calls that do not run the setting at that B (the GEMM path for "blocks", the fused kernels for
+# "gemm_chunk") are left out.
 SWEEP = (
-    ("forward", 32, [(32, 64, 8, 3), (16, 64, 8, 3), (64, 64, 8, 3)]),
-    ("dh-backward", 32, [(32, 64, 8, 3), (32, 128, 8, 3), (16, 64, 8, 3)]),
-    ("forward", 1, [(16, 128, 4, 3), (16, 64, 8, 4), (16, 32, 4, 4)]),
+    ("forward", 32, "blocks", [(32, 64, 8, 3), (16, 64, 8, 3), (64, 64, 8, 3)]),
+    ("dh-backward", 32, "blocks", [(32, 64, 8, 3), (32, 128, 8, 3), (16, 64, 8, 3)]),
+    ("forward", 128, "gemm_chunk", [4, 8, 16]),
+    ("dh-backward", 128, "gemm_chunk", [4, 8, 16]),
+    ("forward", 1, "blocks", [(16, 128, 4, 3), (16, 64, 8, 4), (16, 32, 4, 4)]),
 )
 SWEEP_KERNELS = {"forward": "forward", "dh-backward": "backward_hidden"}
+
+
+def _chunk_rows(vocab: int, fraction: int) -> int:
+    from gircse_kernels import triton_config
+
+    align = triton_config.GEMM_CHUNK_ALIGN
+    return max(align, -(-vocab // fraction // align) * align)
 
 
 def sweep(models, device, clock, reserve_s, hardware_model):
@@ -584,38 +601,53 @@ def sweep(models, device, clock, reserve_s, hardware_model):
     from gircse_kernels import triton_config
 
     results = []
-    original = dict(triton_config.BLOCKS)
+    original_blocks, original_chunk = dict(triton_config.BLOCKS), triton_config.gemm_chunk
 
-    def use(key, blocks):
-        triton_config.BLOCKS[key] = blocks
+    def restore():
+        triton_config.BLOCKS.clear()
+        triton_config.BLOCKS.update(original_blocks)
+        triton_config.gemm_chunk = original_chunk
+        triton_config.choose_config.cache_clear()
+
+    def use(setting, key, choice):
+        if setting == "blocks":
+            triton_config.BLOCKS[key] = choice
+        else:  # every GEMM-path chunk of the call (forward and backward) becomes `choice` rows
+            triton_config.gemm_chunk = lambda rows, vocab, bytes_per_element: choice
         triton_config.choose_config.cache_clear()
 
     try:
-        for pass_name, rows, alternatives in SWEEP:
+        for pass_name, rows, setting, alternatives in SWEEP:
             for name, (vocab, d, de, tied) in models.items():
                 de = d if tied else de
                 cfg = triton_config.choose_config(rows, vocab, d, de, torch.bfloat16, hardware_model.num_sms)
-                if cfg.kind == "gemm":
+                if (cfg.kind == "gemm") != (setting == "gemm_chunk"):
                     continue
-                key = (SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
-                       triton_config.feature_mode(d, de))
-                for blocks in [original[key]] + [a for a in alternatives if a != original[key]]:
-                    row = dict(key=list(key), blocks=list(blocks), model=name, rows=rows, pass_name=pass_name,
-                               current=blocks == original[key])
+                if setting == "blocks":
+                    key = (SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
+                           triton_config.feature_mode(d, de))
+                    current = original_blocks[key]
+                    choices = [current] + [a for a in alternatives if a != current]
+                else:
+                    key = ("gemm_chunk",)
+                    current = cfg.gemm_chunk_forward if pass_name == "forward" else cfg.gemm_chunk
+                    choices = list(dict.fromkeys([current] + [_chunk_rows(vocab, f) for f in alternatives]))
+                for choice in choices:
+                    row = dict(setting=setting, key=list(key), choice=list(choice) if setting == "blocks" else choice,
+                               model=name, rows=rows, pass_name=pass_name, current=choice == current)
                     if clock.left() < reserve_s:
                         results.append(dict(row, skipped="budget"))
                         continue
-                    use(key, blocks)
+                    use(setting, key, choice)
                     row["model_s"] = rl.predict(pass_name, rows, vocab, d, de, tied=tied, hardware=hardware_model).seconds
                     try:  # one alternative that fails to compile or run must not cost the rest of the report
                         row["seconds"] = _sweep_time(pass_name, rows, vocab, d, de, tied, device)
                     except Exception as exc:
                         row["error"] = f"{type(exc).__name__}: {exc}"[:200]
                     results.append(row)
+                restore()
     finally:
-        triton_config.BLOCKS.clear()
-        triton_config.BLOCKS.update(original)
-        triton_config.choose_config.cache_clear()
+        restore()
     return results
 
 
@@ -692,12 +724,13 @@ def markdown(report) -> str:
                      f"{_ms(r['model_measured_hw_s'])} | {_ms(r['ideal_s'])} |" if r.get("triton_s") else
                      f"| {r['model']} | {r['rows']} | {r['pass_name']} | {r.get('error', '')[:60]} |||||||||")
     if report.get("sweep"):
-        lines += ["", "## Tile sweep (alternatives to a BLOCKS entry, side by side; * = the entry in use)", "",
-                  "| model | B | pass | BLOCKS entry | blocks (M, V, warps, stages) | ms | roofline ms |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Sweep of design choices (side by side; * = the choice in use)", "",
+                  "| model | B | pass | setting | choice | ms | roofline ms |", "|---|---|---|---|---|---|---|"]
         for s in report["sweep"]:
-            lines.append(f"| {s['model']} | {s['rows']} | {s['pass_name']} | {tuple(s['key'])} | "
-                         f"{tuple(s['blocks'])}{' *' if s['current'] else ''} | "
+            setting = tuple(s["key"]) if s["setting"] == "blocks" else "gemm_chunk (vocabulary rows)"
+            choice = tuple(s["choice"]) if s["setting"] == "blocks" else s["choice"]
+            lines.append(f"| {s['model']} | {s['rows']} | {s['pass_name']} | {setting} | "
+                         f"{choice}{' *' if s['current'] else ''} | "
                          f"{_ms(s.get('seconds')) or s.get('skipped', '') or s.get('error', '')[:60]} | "
                          f"{_ms(s.get('model_s'))} |")
     if report.get("errors"):

@@ -64,15 +64,18 @@ def test_markdown_renders_every_section():
                                 chunked_s=3e-3, sdpa_s=4e-3, sdpa_backend="flash_attention", hbm_fraction=0.8,
                                 tflops=1.5, model_s=9e-4, model_measured_hw_s=1e-3, ideal_s=8e-4),
                            dict(model="m", rows=8, pass_name="forward", skipped="budget")],
-                  sweep=[dict(key=["forward", 2, "small", "chunked"], blocks=[16, 64, 4, 4], model="m", rows=1,
-                              pass_name="forward", current=True, seconds=1e-3, model_s=2e-3),
-                         dict(key=["forward", 2, "small", "chunked"], blocks=[16, 32, 4, 4], model="m", rows=1,
-                              pass_name="forward", current=False, skipped="budget")])
+                  sweep=[dict(setting="blocks", key=["forward", 2, "small", "chunked"], choice=[16, 64, 4, 4],
+                              model="m", rows=1, pass_name="forward", current=True, seconds=1e-3, model_s=2e-3),
+                         dict(setting="blocks", key=["forward", 2, "small", "chunked"], choice=[16, 32, 4, 4],
+                              model="m", rows=1, pass_name="forward", current=False, skipped="budget"),
+                         dict(setting="gemm_chunk", key=["gemm_chunk"], choice=9472, model="m", rows=128,
+                              pass_name="dh-backward", current=False, seconds=5e-3, model_s=4e-3)])
     text = gpu_check.markdown(report)
     for needle in ("4.3 TB/s", "| m | 1 | bfloat16 | True | None | decode | output |", "FAILED", "replay equals eager",
                    "FAILED: capture", "| 1.000 | 2.000 | 3.000 | 4.000 (flash_attention) | 80 |", "skipped (budget)",
                    "| m | 1 | forward | ('forward', 2, 'small', 'chunked') | (16, 64, 4, 4) * | 1.000 | 2.000 |",
-                   "| (16, 32, 4, 4) | budget |", "boom"):
+                   "| (16, 32, 4, 4) | budget |", "| m | 128 | dh-backward | gemm_chunk (vocabulary rows) | 9472 | 5.000 |",
+                   "boom"):
         assert needle in text, needle
 
 
@@ -92,11 +95,10 @@ def test_cpu_run_of_every_section(tmp_path):
     assert report["sweep"] and all(s["seconds"] > 0 and s["model_s"] > 0 for s in report["sweep"])
     # every swept (pass, B) times the entry in use first, then the alternatives
     swept = {(s["pass_name"], s["rows"]) for s in report["sweep"]}
-    assert swept == {(p, b) for p, b, _ in gpu_check.SWEEP}, swept
-    for p, b, alternatives in gpu_check.SWEEP:
+    assert swept == {(p, b) for p, b, _, _ in gpu_check.SWEEP}, swept
+    for p, b, _, _ in gpu_check.SWEEP:
         cells = [s for s in report["sweep"] if (s["pass_name"], s["rows"]) == (p, b)]
         assert cells[0]["current"] and not any(s["current"] for s in cells[1:])
-        assert {tuple(s["blocks"]) for s in cells[1:]} <= set(alternatives)
     text = (tmp_path / "gpu_check.md").read_text()
     assert "## Correctness" in text and "## Timings" in text and "CUDA graphs need a GPU" in text
 
@@ -134,33 +136,44 @@ def test_precompile_plans_are_the_launches_that_run(pass_name, rows, tied, bias,
     assert [key(x) for x in ran] == [key(x) for x in planned]
 
 
-def test_sweep_times_the_entry_first_and_survives_a_failing_alternative(monkeypatch):
-    """Per swept (pass, B): the BLOCKS entry in use, then the alternatives, each with its roofline prediction;
-    an alternative that fails is reported with its error and the sweep goes on; BLOCKS is restored."""
+def test_sweep_times_the_choice_in_use_first_and_survives_a_failing_alternative(monkeypatch):
+    """Per swept (pass, B): the choice in use, then the alternatives, each in place while it is timed and
+    with its roofline prediction; an alternative that fails is reported with its error and the sweep goes
+    on; BLOCKS and the GEMM chunk rule are restored."""
+    import torch
+
     from gircse_kernels import roofline, triton_config
 
-    before = dict(triton_config.BLOCKS)
+    before, chunk_rule = dict(triton_config.BLOCKS), triton_config.gemm_chunk
+    vocab, d, _, _ = gpu_check.MODELS["SmolLM2-135M"]
     seen = []
 
-    def fake_time(pass_name, rows, vocab, d, de, tied, device):
-        key = (gpu_check.SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
-               triton_config.feature_mode(d, de))
-        seen.append(triton_config.BLOCKS[key])  # the alternative is in place while it is timed
+    def fake_time(pass_name, rows, vocab_, d_, de, tied, device):
+        cfg = triton_config.choose_config(rows, vocab_, d_, de, torch.bfloat16, 132)
+        seen.append(cfg.gemm_chunk_forward if cfg.kind == "gemm" else
+                    triton_config.BLOCKS[(gpu_check.SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
+                                          triton_config.feature_mode(d_, de))])
         if len(seen) == 2:
             raise RuntimeError("out of resources: shared memory")
         return 1e-3 * len(seen)
 
     monkeypatch.setattr(gpu_check, "_sweep_time", fake_time)
-    models = {"SmolLM2-135M": gpu_check.MODELS["SmolLM2-135M"]}
-    rows = gpu_check.sweep(models, "cpu", gpu_check.Clock(600), 0.0, roofline.H200)
-    assert triton_config.BLOCKS == before
-    assert [tuple(r["blocks"]) for r in rows] == seen
+    rows = gpu_check.sweep({"SmolLM2-135M": gpu_check.MODELS["SmolLM2-135M"]}, "cpu", gpu_check.Clock(600), 0.0,
+                           roofline.H200)
+    assert triton_config.BLOCKS == before and triton_config.gemm_chunk is chunk_rule
+    assert [tuple(r["choice"]) if r["setting"] == "blocks" else r["choice"] for r in rows] == seen
     assert "out of resources" in rows[1]["error"] and "seconds" not in rows[1]
     assert all(r["seconds"] > 0 for i, r in enumerate(rows) if i != 1) and all(r["model_s"] > 0 for r in rows)
-    # SmolLM2 takes the fused kernels at B = 32 and 1: every SWEEP entry applies, the entry in use first
-    for p, b, alternatives in gpu_check.SWEEP:
+    # SmolLM2 runs the fused kernels at B = 32 and 1 and the GEMM path at B = 128: every SWEEP entry applies
+    for p, b, setting, alternatives in gpu_check.SWEEP:
         cells = [r for r in rows if (r["pass_name"], r["rows"]) == (p, b)]
-        assert cells[0]["current"] and [tuple(r["blocks"]) for r in cells[1:]] == [
-            a for a in alternatives if a != tuple(cells[0]["blocks"])]
+        assert cells and all(r["setting"] == setting for r in cells)
+        assert cells[0]["current"] and not any(r["current"] for r in cells[1:])
+        expected = alternatives if setting == "blocks" else [gpu_check._chunk_rows(vocab, f) for f in alternatives]
+        got = [tuple(r["choice"]) if setting == "blocks" else r["choice"] for r in cells[1:]]
+        assert got == [a for a in expected if a != (tuple(cells[0]["choice"]) if setting == "blocks"
+                                                     else cells[0]["choice"])]
+    # the GEMM chunk alternatives really differ: V / 4, V / 8, V / 16 of 49152 rows
+    assert [r["choice"] for r in rows if r["setting"] == "gemm_chunk" and not r["current"]][:3] == [12288, 6144, 3072]
     text = gpu_check.markdown(dict(command="x", wall_s=1.0, budget_s=1.0, environment={}, sweep=rows))
-    assert "RuntimeError: out of resources" in text
+    assert "RuntimeError: out of resources" in text and "gemm_chunk (vocabulary rows)" in text
