@@ -3,7 +3,7 @@ naive PyTorch (materialized softmax) and `Wc.copy_(W)`, best of 3 (2 for naive) 
 tensors in one process. Also logged: guest huge pages backing the process (AnonHugePages; PyTorch asks for
 them with THP_MEM_ALLOC_ENABLE=1) and the CPU time the rest of the machine used during each sample.
 
-    python probe.py SECONDS out.jsonl     (run from anywhere)
+    python probe.py SECONDS out.jsonl [V d]     (run from anywhere; V d default to Qwen2-7B's 152064 3584)
 """
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 5))  # the repository
 from gircse_kernels import cpu
 
-V, d = 152064, 3584
+V, d = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (152064, 3584)
 torch.manual_seed(0)
 start = time.time()
 W = (torch.randn(V, d) * 0.05).to(torch.bfloat16)
