@@ -32,6 +32,7 @@ shapes under the Triton interpreter (what the CPU-side tests exercise); its timi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -143,9 +144,15 @@ def make_inputs(vocab, d, de, dtype, device, *, rows, tied, bias, mask=None, see
 # ----------------------------------------------------------------------------------------------
 # 0. parallel precompilation (the JIT compiles serially, on first use)
 # ----------------------------------------------------------------------------------------------
-def planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms, upcast=False):
+def planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms, upcast=False, blocks=None):
     """The Triton launches one call of the op makes (meta tensors; the GEMM path's per-chunk kernels
-    included), so their exact JIT specializations can be compiled ahead, in parallel."""
+    included), so their exact JIT specializations can be compiled ahead, in parallel. ``blocks``: plan
+    under a sweep alternative instead, ``(BLOCKS key, choice)`` (see ``overriding``)."""
+    with overriding(blocks=blocks):
+        return _planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms, upcast)
+
+
+def _planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms, upcast):
     import torch
 
     from gircse_kernels import triton_fused as tf
@@ -191,8 +198,8 @@ def _compile_planned(job):
 
     from gircse_kernels.triton_aot import jit_specialization
 
-    (*call, index), (backend, arch, warp) = job
-    launch = planned_launches(*call)[index]
+    (*call, index, blocks), (backend, arch, warp) = job
+    launch = planned_launches(*call, blocks=blocks)[index]
     signature, constexprs, attrs = jit_specialization(launch)
     try:
         triton.compile(ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -204,8 +211,9 @@ def _compile_planned(job):
 
 
 def precompile(calls, target, sms, budget_s):
-    """Compile every distinct launch of ``calls`` ((pass, rows, V, d, d_e, tied, dtype, bias) tuples) in
-    parallel processes; returns (distinct kernels, failures, seconds)."""
+    """Compile every distinct launch of ``calls`` ((pass, rows, V, d, d_e, tied, dtype, bias) tuples, or
+    with a ninth element, a sweep alternative ``(BLOCKS key, choice)`` to plan under) in parallel
+    processes, in order; returns (distinct kernels, failures, seconds)."""
     import concurrent.futures
     import multiprocessing
 
@@ -214,13 +222,14 @@ def precompile(calls, target, sms, budget_s):
     start = time.perf_counter()
     jobs, seen = [], set()
     for call in calls:
-        for index, launch in enumerate(planned_launches(*call, sms)):
+        call, blocks = (call[:8], call[8]) if len(call) > 8 else (call, None)
+        for index, launch in enumerate(planned_launches(*call, sms, blocks=blocks)):
             sig, const, attrs = jit_specialization(launch)
             key = (launch.name, str(sig), str(sorted(map(str, const.items()))), str(attrs), launch.num_warps,
                    launch.num_stages)
             if key not in seen:
                 seen.add(key)
-                jobs.append(((*call, sms, index), target))
+                jobs.append(((*call, sms, index, blocks), target))
     failures = []
     workers = max(1, min(16, (os.cpu_count() or 2) - 1))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -594,60 +603,76 @@ def _chunk_rows(vocab: int, fraction: int) -> int:
     return max(align, -(-vocab // fraction // align) * align)
 
 
-def sweep(models, device, clock, reserve_s, hardware_model):
-    import torch
-
-    from gircse_kernels import roofline as rl
+@contextlib.contextmanager
+def overriding(blocks=None, gemm_chunk=None):
+    """Plans and launches under one sweep alternative: ``blocks`` = (BLOCKS key, choice) replaces that
+    entry, ``gemm_chunk`` makes every GEMM-path chunk that many rows; everything is restored after."""
     from gircse_kernels import triton_config
 
-    results = []
-    original_blocks, original_chunk = dict(triton_config.BLOCKS), triton_config.gemm_chunk
-
-    def restore():
-        triton_config.BLOCKS.clear()
-        triton_config.BLOCKS.update(original_blocks)
-        triton_config.gemm_chunk = original_chunk
-        triton_config.choose_config.cache_clear()
-
-    def use(setting, key, choice):
-        if setting == "blocks":
-            triton_config.BLOCKS[key] = choice
-        else:  # every GEMM-path chunk of the call (forward and backward) becomes `choice` rows
-            triton_config.gemm_chunk = lambda rows, vocab, bytes_per_element: choice
-        triton_config.choose_config.cache_clear()
-
+    saved_blocks, saved_chunk = dict(triton_config.BLOCKS), triton_config.gemm_chunk
     try:
-        for pass_name, rows, setting, alternatives in SWEEP:
-            for name, (vocab, d, de, tied) in models.items():
-                de = d if tied else de
-                cfg = triton_config.choose_config(rows, vocab, d, de, torch.bfloat16, hardware_model.num_sms)
-                if (cfg.kind == "gemm") != (setting == "gemm_chunk"):
-                    continue
-                if setting == "blocks":
-                    key = (SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
-                           triton_config.feature_mode(d, de))
-                    current = original_blocks[key]
-                    choices = [current] + [a for a in alternatives if a != current]
-                else:
-                    key = ("gemm_chunk",)
-                    current = cfg.gemm_chunk_forward if pass_name == "forward" else cfg.gemm_chunk
-                    choices = list(dict.fromkeys([current] + [_chunk_rows(vocab, f) for f in alternatives]))
-                for choice in choices:
-                    row = dict(setting=setting, key=list(key), choice=list(choice) if setting == "blocks" else choice,
-                               model=name, rows=rows, pass_name=pass_name, current=choice == current)
-                    if clock.left() < reserve_s:
-                        results.append(dict(row, skipped="budget"))
-                        continue
-                    use(setting, key, choice)
-                    row["model_s"] = rl.predict(pass_name, rows, vocab, d, de, tied=tied, hardware=hardware_model).seconds
-                    try:  # one alternative that fails to compile or run must not cost the rest of the report
-                        row["seconds"] = _sweep_time(pass_name, rows, vocab, d, de, tied, device)
-                    except Exception as exc:
-                        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
-                    results.append(row)
-                restore()
+        if blocks is not None:
+            triton_config.BLOCKS[tuple(blocks[0])] = tuple(blocks[1])
+        if gemm_chunk is not None:
+            triton_config.gemm_chunk = lambda rows, vocab, bytes_per_element: gemm_chunk
+        triton_config.choose_config.cache_clear()
+        yield
     finally:
-        restore()
+        triton_config.BLOCKS.clear()
+        triton_config.BLOCKS.update(saved_blocks)
+        triton_config.gemm_chunk = saved_chunk
+        triton_config.choose_config.cache_clear()
+
+
+def sweep_cells(models, num_sms):
+    """The SWEEP entries that apply to ``models``: dicts of model, shape, pass, rows, setting, key and
+    choices (the one in use first)."""
+    import torch
+
+    from gircse_kernels import triton_config
+
+    cells = []
+    for pass_name, rows, setting, alternatives in SWEEP:
+        for name, (vocab, d, de, tied) in models.items():
+            de = d if tied else de
+            cfg = triton_config.choose_config(rows, vocab, d, de, torch.bfloat16, num_sms)
+            if (cfg.kind == "gemm") != (setting == "gemm_chunk"):
+                continue
+            if setting == "blocks":
+                key = (SWEEP_KERNELS[pass_name], 2, "small" if rows <= 16 else "large",
+                       triton_config.feature_mode(d, de))
+                choices = [triton_config.BLOCKS[key]] + [a for a in alternatives if a != triton_config.BLOCKS[key]]
+            else:
+                key = ("gemm_chunk",)
+                current = cfg.gemm_chunk_forward if pass_name == "forward" else cfg.gemm_chunk
+                choices = list(dict.fromkeys([current] + [_chunk_rows(vocab, f) for f in alternatives]))
+            cells.append(dict(model=name, shape=(vocab, d, de, tied), pass_name=pass_name, rows=rows, setting=setting,
+                              key=key, choices=choices))
+    return cells
+
+
+def sweep(models, device, clock, reserve_s, hardware_model):
+    from gircse_kernels import roofline as rl
+
+    results = []
+    for cell in sweep_cells(models, hardware_model.num_sms):
+        (vocab, d, de, tied), setting, key = cell["shape"], cell["setting"], cell["key"]
+        for choice in cell["choices"]:
+            row = dict(setting=setting, key=list(key), choice=list(choice) if setting == "blocks" else choice,
+                       model=cell["model"], rows=cell["rows"], pass_name=cell["pass_name"],
+                       current=choice == cell["choices"][0])
+            if clock.left() < reserve_s:
+                results.append(dict(row, skipped="budget"))
+                continue
+            override = dict(blocks=(key, choice)) if setting == "blocks" else dict(gemm_chunk=choice)
+            with overriding(**override):
+                row["model_s"] = rl.predict(row["pass_name"], row["rows"], vocab, d, de, tied=tied,
+                                            hardware=hardware_model).seconds
+                try:  # one alternative that fails to compile or run must not cost the rest of the report
+                    row["seconds"] = _sweep_time(row["pass_name"], row["rows"], vocab, d, de, tied, device)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            results.append(row)
     return results
 
 
@@ -765,8 +790,12 @@ def run(args) -> dict:
             vocab, d, de, _ = args.model_shapes[name]
             calls |= {(p, rows, vocab, d, d if tied else de, tied, str(dtype).replace("torch.", ""),
                        bias or mask is not None) for p in ("forward", "full-backward")}
-        count, failures, seconds = precompile(sorted(calls), (active.backend, active.arch, active.warp_size), sms,
-                                              0.35 * args.budget_s)
+        # then the sweep's tile alternatives (each Triton JIT compile would otherwise eat the sweep's time)
+        alternatives = [(c["pass_name"], c["rows"], *c["shape"], "bfloat16", False, (c["key"], choice))
+                        for c in sweep_cells(args.model_shapes, sms) if c["setting"] == "blocks"
+                        for choice in c["choices"][1:]] if "sweep" in args.sections else []
+        target = (active.backend, active.arch, active.warp_size)
+        count, failures, seconds = precompile(sorted(calls) + alternatives, target, sms, 0.35 * args.budget_s)
         report["precompile"] = dict(kernels=count, failures=failures, seconds=seconds)
     # Reserve time for the later sections so an early one cannot starve them.
     reserve = {"correctness": 0.55, "graphs": 0.5, "timings": 0.15, "sweep": 0.03}

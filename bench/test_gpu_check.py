@@ -74,8 +74,8 @@ def test_markdown_renders_every_section():
     for needle in ("4.3 TB/s", "| m | 1 | bfloat16 | True | None | decode | output |", "FAILED", "replay equals eager",
                    "FAILED: capture", "| 1.000 | 2.000 | 3.000 | 4.000 (flash_attention) | 80 |", "skipped (budget)",
                    "| m | 1 | forward | ('forward', 2, 'small', 'chunked') | (16, 64, 4, 4) * | 1.000 | 2.000 |",
-                   "| (16, 32, 4, 4) | budget |", "| m | 128 | dh-backward | gemm_chunk (vocabulary rows) | 9472 | 5.000 |",
-                   "boom"):
+                   "| (16, 32, 4, 4) | budget |",
+                   "| m | 128 | dh-backward | gemm_chunk (vocabulary rows) | 9472 | 5.000 |", "boom"):
         assert needle in text, needle
 
 
@@ -177,3 +177,35 @@ def test_sweep_times_the_choice_in_use_first_and_survives_a_failing_alternative(
     assert [r["choice"] for r in rows if r["setting"] == "gemm_chunk" and not r["current"]][:3] == [12288, 6144, 3072]
     text = gpu_check.markdown(dict(command="x", wall_s=1.0, budget_s=1.0, environment={}, sweep=rows))
     assert "RuntimeError: out of resources" in text and "gemm_chunk (vocabulary rows)" in text
+
+
+def test_precompile_plans_a_sweep_alternative_under_its_tiles():
+    """The precompile section compiles each sweep tile alternative as the sweep will launch it: the plan
+    under ``blocks`` carries the alternative's tile constexprs, and BLOCKS is left as it was."""
+    from gircse_kernels import triton_config
+
+    before = dict(triton_config.BLOCKS)
+    vocab, d, de, tied = gpu_check.MODELS["Qwen2.5-0.5B"]
+    cells = [c for c in gpu_check.sweep_cells({"Qwen2.5-0.5B": (vocab, d, de, tied)}, 132) if c["setting"] == "blocks"]
+    assert {(c["pass_name"], c["rows"]) for c in cells} == {("forward", 32), ("dh-backward", 32), ("forward", 1)}
+    for cell in cells:
+        kernel = {"forward": "forward_partials", "dh-backward": "backward_hidden"}[cell["pass_name"]]
+        for choice in cell["choices"]:
+            plan = gpu_check.planned_launches(cell["pass_name"], cell["rows"], vocab, d, de, tied, "bfloat16", False,
+                                              132, blocks=(cell["key"], choice))
+            launch = next(x for x in plan if x.name == kernel)
+            block_m, block_v, warps, stages = choice
+            assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_V"]) == (block_m, block_v)
+            assert (launch.num_warps, launch.num_stages) == (warps, stages)
+    assert triton_config.BLOCKS == before
+
+
+def test_precompile_compiles_a_sweep_alternative_for_the_gpu():
+    """The precompile workers (spawned processes) receive a sweep alternative and compile its kernels for
+    sm_90 ahead of time (no GPU needed to compile)."""
+    vocab, d, de, tied = gpu_check.MODELS["SmolLM2-135M"]
+    cell = next(c for c in gpu_check.sweep_cells({"SmolLM2-135M": (vocab, d, de, tied)}, 132)
+                if c["setting"] == "blocks" and c["rows"] == 32 and c["pass_name"] == "forward")
+    call = ("forward", 32, vocab, d, de, tied, "bfloat16", False, (cell["key"], cell["choices"][1]))
+    count, failures, _ = gpu_check.precompile([call], ("cuda", 90, 32), 132, budget_s=300)
+    assert count >= 2 and failures == []  # the partials kernel under the alternative, and the combine
