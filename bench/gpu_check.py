@@ -577,8 +577,10 @@ def _time_cell(name, vocab, d, de, tied, batch, pass_name, device):
 #   "blocks": alternatives to the ``triton_config.BLOCKS`` entry the call uses (block_m, block_v, warps,
 #       stages). The narrow tied models at B = 32 sit on an L2-residency cliff of the fused kernels (per-
 #       program fp32 slice + re-read W tile vs L2): on the H200's side of it (32, 64) models 1.11x the
-#       one-pass traffic for Qwen2.5-0.5B against 3.06x for the entry, on the H100's side 4x. Then the
-#       decode forward (B = 1).
+#       one-pass traffic for Qwen2.5-0.5B against 3.06x for the entry, on the H100's side 4x. The dh-only
+#       backward at B = 1: with 16-row vocabulary tiles the model keeps each W tile in L2 for the dz W pass
+#       (the 7B models: 1.0x the one-pass traffic instead of 1.5x, e.g. Qwen2-7B 510 us instead of 780 on
+#       the H200), but the same tiles lose at B = 8 (2.6x), so a GPU must say first. The decode forward.
 #   "gemm_chunk": the GEMM path's vocabulary chunk as a fraction of V (today about V / 2, bounded by
 #       GEMM_BUFFER_BYTES). Smaller chunks keep a chunk's W (tied: also its E) in L2 for the GEMM that
 #       reads it again, at the price of launches and per-chunk rescaling: at B = 128 the model has
@@ -591,6 +593,7 @@ SWEEP = (
     ("dh-backward", 32, "blocks", [(32, 64, 8, 3), (32, 128, 8, 3), (16, 64, 8, 3)]),
     ("forward", 128, "gemm_chunk", [4, 8, 16]),
     ("dh-backward", 128, "gemm_chunk", [4, 8, 16]),
+    ("dh-backward", 1, "blocks", [(16, 16, 8, 3), (16, 32, 8, 3)]),
     ("forward", 1, "blocks", [(16, 128, 4, 3), (16, 64, 8, 4), (16, 32, 4, 4)]),
 )
 SWEEP_KERNELS = {"forward": "forward", "dh-backward": "backward_hidden"}
