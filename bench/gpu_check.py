@@ -609,9 +609,13 @@ def _chunk_rows(vocab: int, fraction: int) -> int:
 @contextlib.contextmanager
 def overriding(blocks=None, gemm_chunk=None):
     """Plans and launches under one sweep alternative: ``blocks`` = (BLOCKS key, choice) replaces that
-    entry, ``gemm_chunk`` makes every GEMM-path chunk that many rows; everything is restored after."""
+    entry, ``gemm_chunk`` makes every GEMM-path chunk that many rows; everything is restored after.
+    With neither, nothing is touched (the plain plans of the precompile section)."""
     from gircse_kernels import triton_config
 
+    if blocks is None and gemm_chunk is None:
+        yield
+        return
     saved_blocks, saved_chunk = dict(triton_config.BLOCKS), triton_config.gemm_chunk
     try:
         if blocks is not None:
