@@ -100,9 +100,12 @@ def test_methods_match_the_model_layer_and_parser_is_cheap():
     import sys
 
     from gircse.model import METHODS
-    from gircse.training.config import METHODS as TRAIN_METHODS
+    from gircse.training import TrainConfig
 
-    assert TRAIN_METHODS == METHODS
+    for method in METHODS:
+        assert TrainConfig(method=method).validate().method == method
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="mean-pooling").validate()
     code = ("import argparse, sys, gircse.training.cli as c; p = argparse.ArgumentParser(); "
             "c.add_train_parser(p.add_subparsers()); print('torch' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
