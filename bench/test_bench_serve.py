@@ -36,7 +36,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from gircse.cli import DEMO_DOCUMENTS, DEMO_QUERIES  # noqa: E402
+from gircse.cli.demo import DEMO_DOCUMENTS, DEMO_QUERIES  # noqa: E402
 
 MODES = {  # name -> server flags
     "one at a time": ["--max-batch-size", "1", "--max-wait-ms", "0"],

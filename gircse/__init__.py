@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "GIRCSE": "gircse.model",
-    "METHODS": "gircse.model",
+    "METHODS": "gircse.methods",
     "load_default": "gircse.model",
     "generate_soft_tokens": "gircse.generation",
     "generate_soft_tokens_uncached": "gircse.generation",

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from .methods import METHODS
 from .validation import as_path
 
 __all__ = [
@@ -169,12 +170,6 @@ def _query_format(value) -> bool:
     return True
 
 
-def _method(value) -> bool:
-    from .model import METHODS
-
-    return value in METHODS
-
-
 def _int_at_least(minimum):
     return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -184,7 +179,7 @@ CONFIG_KEYS = {
     "gircse_config_version": (True, lambda v: v == CONFIG_VERSION, f"{CONFIG_VERSION} (this gircse's format)"),
     "base_model": (True, _str, "a non-empty string: a model name, hub id or path"),
     "gguf_file": (False, lambda v: v is None or _str(v), "null or a file name"),
-    "method": (True, _method, "a method of gircse.model.METHODS"),
+    "method": (True, lambda v: v in METHODS, "a method of gircse.model.METHODS"),
     "k": (True, _int_at_least(1), "an int >= 1"),
     "max_length": (True, _int_at_least(2), "an int >= 2"),
     "query_format": (True, _query_format, "a format with {instruction} before {text}"),

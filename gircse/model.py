@@ -13,26 +13,14 @@ from . import loading
 from .baselines import bidirectional_mean, causal_eos_state
 from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_steps,
                          soft_token_embedding_of)
+from .methods import METHODS, POOLING, check_method
 from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, check_query_format, left_pad,
                       reference_document_instruction, to_left_padding, token_ids, validate_texts)
 from .validation import as_int, as_path
 
 __all__ = ["GIRCSE", "METHODS", "load_default"]
 
-METHODS = ("gircse", "causal-eos", "bidirectional-avg", "two-stage")
-POOLING = {
-    "gircse": "mean of the final-layer states of the K generated soft-token positions",
-    "causal-eos": "final-layer state of an appended EOS token",
-    "bidirectional-avg": "mean of the final-layer states of the input tokens, bidirectional attention",
-    "two-stage": "final-layer state of an EOS appended to the text + its greedy K-token expansion",
-}
 CONFIG_VERSION = loading.CONFIG_VERSION
-
-
-def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method
 
 
 class GIRCSE(nn.Module):
@@ -56,7 +44,7 @@ class GIRCSE(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.method = _check_method(method)
+        self.method = check_method(method)
         self.k = self._check_k(k)
         self.max_length = as_int("max_length", max_length, minimum=2)
         # Where the base weights come from, recorded by save_pretrained (None: an in-memory model).
@@ -86,7 +74,7 @@ class GIRCSE(nn.Module):
             raise FileNotFoundError(f"adapter: no peft adapter in {adapter_dir} (no {loading.ADAPTER_CONFIG_FILE})")
         k = None if k is None else check_k(k)
         max_length = None if max_length is None else as_int("max_length", max_length, minimum=2)
-        method = None if method is None else _check_method(method)
+        method = None if method is None else check_method(method)
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = loading.resolve_dtype(dtype, device)

@@ -5,7 +5,7 @@
 - :mod:`gircse.serve.batcher`: :class:`~gircse.serve.batcher.DynamicBatcher`, which gathers the texts
   of concurrent requests into batches for the one thread that runs the model.
 - :mod:`gircse.serve.app`: ``create_app(model, config)``, the FastAPI application.
-- :mod:`gircse.serve.cli`: the ``gircse serve`` subcommand.
+- :mod:`gircse.cli.serve`: the ``gircse serve`` subcommand.
 
 FastAPI and uvicorn are optional dependencies (``pip install 'gircse[serve]'``); nothing here imports
 them until a server is built, so ``gircse --help`` works without them.

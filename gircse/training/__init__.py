@@ -1,16 +1,12 @@
 """Training GIRCSE models (and the Causal-EOS / Bidirectional-Avg baselines) with LoRA.
 
-``train(model, data, out, TrainConfig(...))`` is the Python API; ``add_train_parser`` / ``run_train``
-(``gircse.training.cli``) the ``gircse train`` subcommand. See ``gircse.training.trainer`` for the loop,
-GradCache and resume; ``gircse.training.distributed`` for the torchrun all-gather. Names are imported
-on first access, so ``import gircse.training.cli`` (the CLI parser) does not import torch.
+``train(model, data, out, TrainConfig(...))`` is the Python API; the ``gircse train`` subcommand is
+``gircse.cli.train``. See ``gircse.training.trainer`` for the loop, GradCache and resume;
+``gircse.training.distributed`` for the torchrun all-gather. Names are imported on first access, so
+importing ``gircse.training.config`` (the CLI parser reads ``TrainConfig``'s defaults) does not import torch.
 """
 _LAZY = {
     "TrainConfig": "gircse.training.config",
-    "add_train_arguments": "gircse.training.cli",
-    "add_train_parser": "gircse.training.cli",
-    "config_from_args": "gircse.training.cli",
-    "run_train": "gircse.training.cli",
     "apply_lora": "gircse.training.trainer",
     "batch_gradients": "gircse.training.trainer",
     "embed_texts": "gircse.training.trainer",

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..methods import METHODS
 from ..validation import boolean, integer, one_of, optional, real
 
-__all__ = ["METHODS", "RULES", "TrainConfig"]
-
-METHODS = ("gircse", "causal-eos", "bidirectional-avg", "two-stage")  # == gircse.model.METHODS (tested)
+__all__ = ["RULES", "TrainConfig"]
 
 
 @dataclasses.dataclass

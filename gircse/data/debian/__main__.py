@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from gircse.cli.debian import main
 
 sys.exit(main())

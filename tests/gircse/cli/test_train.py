@@ -10,7 +10,7 @@ import pytest
 
 
 def _parser():
-    from gircse.training import add_train_parser
+    from gircse.cli.train import add_train_parser
 
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command", required=True))
@@ -18,7 +18,7 @@ def _parser():
 
 
 def test_config_from_args_defaults_are_the_papers():
-    from gircse.training import config_from_args
+    from gircse.cli.train import config_from_args
 
     c = config_from_args(_parser().parse_args(["train", "--out", "x"]))
     assert (c.method, c.k, c.lr, c.warmup_ratio, c.temperature, c.lam, c.epochs) == ("gircse", 5, 1e-5, 0.1, 0.02, 1.0, 1)
@@ -40,7 +40,7 @@ def test_cli_train_saves_a_loadable_model(smollm2_tokenizer, tmp_path):
     from gircse import GIRCSE
     from tests.gircse.conftest import tiny_causal_lm
 
-    from .test_training import make_rows, write_rows
+    from ..test_training import make_rows, write_rows
 
     base = str(tmp_path / "base")
     tiny_causal_lm("llama").save_pretrained(base)
@@ -63,7 +63,7 @@ def test_cli_train_saves_a_loadable_model(smollm2_tokenizer, tmp_path):
 def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_loading):
     from gircse.cli import main
 
-    from .test_training import make_rows, write_rows
+    from ..test_training import make_rows, write_rows
 
     good = write_rows(tmp_path / "good.jsonl", make_rows(6))
     rows = make_rows(6)
@@ -100,19 +100,22 @@ def test_methods_match_the_model_layer_and_parser_is_cheap():
     import sys
 
     from gircse.model import METHODS
-    from gircse.training.config import METHODS as TRAIN_METHODS
+    from gircse.training import TrainConfig
 
-    assert TRAIN_METHODS == METHODS
-    code = ("import argparse, sys, gircse.training.cli as c; p = argparse.ArgumentParser(); "
+    for method in METHODS:
+        assert TrainConfig(method=method).validate().method == method
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="mean-pooling").validate()
+    code = ("import argparse, sys, gircse.cli.train as c; p = argparse.ArgumentParser(); "
             "c.add_train_parser(p.add_subparsers()); print('torch' in sys.modules)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_gircse_cli_has_train():
     from gircse.cli import build_parser
-    from gircse.training.cli import run_train
+    from gircse.cli.train import run_train
 
     args = build_parser().parse_args(["train", "--out", "x", "--method", "causal-eos"])
     assert args.func is run_train and args.method == "causal-eos"

@@ -1,4 +1,4 @@
-"""``gircse train``: argument parser and runner (wired into ``gircse.cli`` as a subcommand).
+"""``gircse train``: argument parser and runner.
 
   gircse train --model smollm2-135m --data train.jsonl --method gircse --k 5 --out runs/x
   torchrun --nproc_per_node 2 -m gircse train ...      # negatives span both ranks (gloo on CPU)
@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import argparse
 
+from ..methods import METHODS
+from .common import DTYPE_NAMES, _quiet_loading, check_device
+
 __all__ = ["add_train_arguments", "add_train_parser", "config_from_args", "run_train"]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import DTYPE_NAMES
-    from .config import TrainConfig
+    from ..training.config import TrainConfig
 
     d = TrainConfig()
     parser.add_argument("--model", default="smollm2-135m", help="base causal LM: 'smollm2-135m', a path or hub id")
     parser.add_argument("--data", default=None, help="JSONL(.gz) rows {query, pos, neg, instruction} "
                                                      "(default: the shipped Debian training set)")
     parser.add_argument("--out", required=True, help="output directory (checkpoint, log, trained model)")
-    parser.add_argument("--method", choices=("gircse", "causal-eos", "bidirectional-avg", "two-stage"),
-                        default=d.method)
+    parser.add_argument("--method", choices=METHODS, default=d.method)
     parser.add_argument("--k", type=int, default=d.k, help="soft tokens generated during training")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per rank per micro-batch")
@@ -63,7 +64,7 @@ def add_train_parser(sub) -> None:
 
 
 def config_from_args(args):
-    from .config import TrainConfig
+    from ..training.config import TrainConfig
 
     targets = args.lora_target_modules
     if targets != "all-linear":
@@ -86,9 +87,8 @@ def run_train(args) -> int:
     import time
 
     from .. import loading
-    from ..cli import check_device
     from ..model import GIRCSE
-    from .trainer import check_training_file, train
+    from ..training.trainer import check_training_file, train
 
     # Everything that can be wrong is checked before the model loads: options, paths, every data row.
     config = config_from_args(args)
@@ -103,12 +103,6 @@ def run_train(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out} is a file; name a directory")
     start = time.perf_counter()
-    try:
-        from ..cli import _quiet_loading
-    except ImportError:  # pragma: no cover
-        import contextlib
-
-        _quiet_loading = contextlib.nullcontext
     with _quiet_loading():
         model = GIRCSE.from_pretrained(args.model, method=config.method, k=config.k, device=args.device,
                                        dtype=args.dtype, max_length=config.max_length)

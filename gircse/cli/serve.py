@@ -5,11 +5,11 @@ import logging
 import socket
 import sys
 
+from .common import _add_model_arguments, _load
+
 
 def add_serve_parser(sub) -> None:
-    from gircse.cli import _add_model_arguments
-
-    from .protocol import Limits
+    from ..serve.protocol import Limits
 
     limits = Limits()
     parser = sub.add_parser("serve", help="OpenAI-compatible embeddings server (POST /v1/embeddings) with "
@@ -49,13 +49,11 @@ def run_serve(args) -> int:
     try:
         import uvicorn
 
-        from .app import ServeConfig, create_app
-        from .protocol import Limits
+        from ..serve.app import ServeConfig, create_app
+        from ..serve.protocol import Limits
     except ImportError as error:
         raise SystemExit(f"gircse serve needs the optional server dependencies ({error.name} is missing): "
                          "pip install 'gircse[serve]'") from None
-    from gircse.cli import _load
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:

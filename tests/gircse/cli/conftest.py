@@ -1,0 +1,23 @@
+"""Fixtures of the command-line tests."""
+from __future__ import annotations
+
+import pytest
+
+from gircse import cli
+
+
+@pytest.fixture
+def saved_tiny(tmp_path, make_tiny):
+    directory = str(tmp_path / "tiny-gircse")
+    make_tiny("llama", k=2).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if an evaluation command loads a model (argument errors must come first)."""
+    def refuse(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    for command in (cli.eval, cli.scale, cli.explain, cli.eval_mteb):
+        monkeypatch.setattr(command, "_load", refuse)
