@@ -252,7 +252,7 @@ def machine_slug(env: dict | None = None) -> str:
 
 
 def describe(env: dict) -> str:
-    """One line naming the machine, for report headers and the README."""
+    """One line naming the machine, for report headers and docs/performance.md."""
     cpu = (f"{env['cpu_model']} ({', '.join(env['cpu_flags']) or 'no AVX'}; torch CPU capability "
            f"{env['cpu_capability']}), {env['logical_cpus']} logical CPUs, {env['torch_threads']} torch threads")
     gpu = f"{env['gpu']}; " if env.get("gpu") else ""

@@ -1,19 +1,27 @@
-"""The README's performance section, generated from a run's ``report.json``.
+"""The generated block of docs/performance.md, from a run's ``report.json``.
 
-    python -m bench.readme bench/results/<machine>/report.json > performance.md
+    python -m bench.readme bench/results/<machine>/report.json            # rewrites the block in place
+    python -m bench.readme bench/results/<machine>/report.json --stdout   # prints it instead
 
-Prints markdown (the lead pastes it into README.md): the machine and run, then the headline tables
-of each section present -- the op at every shape measured (forward and forward+backward with dh),
-the decode step's bandwidth, the paper's Table 6 for Mistral-7B and the FlopCounterMode agreement,
-encode time ratios against the FLOPs prediction, the decode-step profile, and training steps.
+The block sits between the ``BEGIN`` and ``END`` marker lines of docs/performance.md; the reading of the run
+around it is written by hand and left as it is. The block names the machine and run, then holds the headline
+tables of each section present -- the op at every shape measured (forward and forward+backward with dh), the
+decode step's bandwidth, the paper's Table 6 for Mistral-7B and the FlopCounterMode agreement, encode time
+ratios against the FLOPs prediction, the decode-step profile, training steps and the server load test -- and
+the run's plots. (The module is named for the README, where the block lived before docs/ existed.)
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from .harness import REPO, describe
 from .report import Table, find_table, load
+
+PAGE = os.path.join(REPO, "docs", "performance.md")
+BEGIN = "<!-- begin generated block: python -m bench.readme REPORT.json (edit the report, not this block) -->"
+END = "<!-- end generated block -->"
 
 
 def _table(report, table_id, **kwargs) -> str | None:
@@ -24,15 +32,17 @@ def _table(report, table_id, **kwargs) -> str | None:
     return table.to_markdown() if table.rows else None
 
 
-def readme_section(report: dict, report_path: str) -> str:
+def readme_section(report: dict, report_path: str, page_dir: str = os.path.dirname(PAGE)) -> str:
+    """The block's markdown; its links are relative to ``page_dir``, the directory of the page it goes in."""
     env = report["environment"]
-    where = os.path.relpath(os.path.dirname(os.path.abspath(report_path)), REPO)
+    report_dir = os.path.dirname(os.path.abspath(report_path))
+    where, shown = os.path.relpath(report_dir, page_dir), os.path.relpath(report_dir, REPO)
     commit = (env.get("git_commit") or "unknown")[:12]
     parts = [
-        "## Performance", "",
+        "## Performance of the default benchmark run", "",
         f"Measured by `{report['command']}` (size `{report['size']}`) on {describe(env)}; "
         f"{env['date_utc']} UTC, commit `{commit}`{' + local changes' if env.get('git_dirty') else ''}. "
-        f"Full report: [`{where}/report.md`]({where}/report.md) (raw numbers in `report.json`). Every ratio "
+        f"Full report: [`{shown}/report.md`]({where}/report.md) (raw numbers in `report.json`). Every ratio "
         "compares figures measured side by side in that run; each figure was checked against the reference "
         f"first ({sum(c['passed'] for c in report['checks'])} of {len(report['checks'])} checks passed).",
     ]
@@ -61,13 +71,30 @@ def readme_section(report: dict, report_path: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+def write_page(section: str, page: str = PAGE) -> None:
+    """Replace what lies between the page's marker lines with ``section``; the rest of the page stays."""
+    with open(page, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{page}: expected the marker lines {BEGIN!r} and then {END!r} around the generated block")
+    with open(page, "w", encoding="utf-8") as f:
+        f.write(text[:start + len(BEGIN)] + "\n" + section + text[end:])
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bench.readme bench/results/<machine>/report.json", file=sys.stderr)
-        return 2
-    path = argv[0] if argv[0].endswith(".json") else os.path.join(argv[0], "report.json")
-    sys.stdout.write(readme_section(load(path), path))
+    parser = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", help="a run's report.json, or the directory holding it")
+    parser.add_argument("--page", default=PAGE, help="the page whose generated block is rewritten "
+                                                     "(default: docs/performance.md)")
+    parser.add_argument("--stdout", action="store_true", help="print the block instead of rewriting the page")
+    args = parser.parse_args(argv)
+    path = args.report if args.report.endswith(".json") else os.path.join(args.report, "report.json")
+    section = readme_section(load(path), path, os.path.dirname(os.path.abspath(args.page)))
+    if args.stdout:
+        sys.stdout.write(section)
+    else:
+        write_page(section, args.page)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The benchmark harness: correctness checks that cannot be fooled by scale, report structure, README
-generator, plot. (The benchmarks themselves run with ``pytest bench/``; nothing here times anything.)"""
+"""The benchmark harness: correctness checks that cannot be fooled by scale, report structure, the generator
+of docs/performance.md's block, plot. (The benchmarks themselves run with ``pytest bench/``; nothing here times anything.)"""
 from __future__ import annotations
 
 import json
@@ -112,6 +112,18 @@ def test_report_structure_and_readme(tmp_path):
     section = readme.readme_section(data, json_path)
     assert section.startswith("## Performance") and "AMD EPYC" in section and "| 1 | 12.3 |" in section
     assert "1 of 1 checks passed" in section and "encode_vs_k.png" in section
+
+
+def test_performance_page_block_is_rewritten_in_place(tmp_path):
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Performance\n\nintro\n\n{readme.BEGIN}\nold block\n{readme.END}\n\n## Reading\nkept\n")
+    readme.write_page("## Performance of the default benchmark run\n\nnew block\n", str(page))
+    assert page.read_text() == (f"# Performance\n\nintro\n\n{readme.BEGIN}\n## Performance of the default benchmark "
+                                f"run\n\nnew block\n{readme.END}\n\n## Reading\nkept\n")
+    page.write_text("# Performance\n\nno markers\n")
+    with pytest.raises(ValueError, match="performance.md: expected the marker lines"):
+        readme.write_page("new block\n", str(page))
+    assert page.read_text() == "# Performance\n\nno markers\n"
 
 
 def test_machine_slug_names_the_machine():

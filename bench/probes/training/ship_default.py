@@ -1,6 +1,6 @@
-"""Write a training run's adapter into ``gircse/default_adapter/`` (run from the repository root):
+"""Write a training run's adapter into ``gircse/default_adapter/`` as the shipped default model (fp16).
 
-    python bench/results/training/comparison/ship_default.py RUN_DIR
+    python bench/probes/training/ship_default.py RUN_DIR     (run from anywhere)
 
 The LoRA tensors are stored in fp16 (half the size of the run's fp32 save; the model upcasts them to its
 own dtype on load), the adapter's base model path becomes the embedded model's name (``smollm2-135m``)
@@ -13,7 +13,8 @@ import sys
 from safetensors.torch import load_file, save_file
 
 BASE_MODEL = "smollm2-135m"
-DEST = os.path.join("gircse", "default_adapter")
+DEST = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3, "gircse",
+                                    "default_adapter"))
 
 
 def main(run_dir: str) -> None:
@@ -34,6 +35,6 @@ def main(run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         raise SystemExit(__doc__)
     main(sys.argv[1])

@@ -1,6 +1,19 @@
-import json, os, statistics, sys
-root = sys.argv[1]
-rows = []
+"""Print an lr sweep's table (lr-sweep-32-steps/, lr-sweep-150-steps-causal-eos/): mean L_K of the last 10 steps, dev results.
+
+    python bench/probes/training/lr_sweep_table.py [ROOT]
+    (ROOT: a sweep's run directories, e.g. what lr-sweep-32-steps.sh wrote; default the committed
+    bench/results/training/lr-sweep-32-steps; run from anywhere)
+"""
+import argparse
+import json
+import os
+import statistics
+
+COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "results", "training",
+                         "lr-sweep-32-steps")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("root", nargs="?", default=COMMITTED, help="directory holding METHOD-lrLR run directories")
+root = parser.parse_args().root
 print("| method | lr | steps | L_K, mean of the last 10 steps | K | nDCG@10 | R@1 | section kNN acc |")
 print("|---|---|---|---|---|---|---|---|")
 for method in ("causal-eos", "gircse"):

@@ -1,13 +1,24 @@
-"""Side-by-side: the C++ tile path at B = 32 / 64 with vocabulary splits (automatic) vs row groups (a partial
-budget of one split's partials forces S = 1, G = threads): time + peak extra memory."""
+"""Does the C++ tile path save memory at equal speed with row groups instead of vocabulary splits?
+
+Side by side at B = 32 / 64 / 128: vocabulary splits (the automatic plan) vs row groups (a partial budget of
+one split's partials forces S = 1, G = threads); time + peak extra memory, forward and d_hidden-only backward.
+Result: bench/results/cpu-amd-epyc-avx512bf16-2c/row-groups/.
+
+    python bench/probes/row-groups/probe.py out.json     (run from anywhere)
+"""
+import argparse
 import json
 import os
 import sys
 
 import torch
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 4))  # the repository
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3))  # the repository
 from bench.harness import time_methods
 from gircse_kernels import cpu
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("out", help="JSON file for the rows")
+args = parser.parse_args()
 
 torch.manual_seed(0)
 SHAPES = {"smollm2": (49152, 576), "qwen2.5-0.5b": (151936, 896)}
@@ -37,4 +48,4 @@ for name, (V, d) in SHAPES.items():
                            **{f"mib_{k}": round(m.peak_mib, 2) for k, m in res.items()})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-json.dump(rows, open(sys.argv[1], "w"), indent=1)
+json.dump(rows, open(args.out, "w"), indent=1)

@@ -1,16 +1,18 @@
-"""Embedding geometry of Causal-EOS checkpoints: are the documents' embeddings collapsing?
+"""Are a model's document embeddings collapsing? Mean and spread of pairwise cosines on the Debian dev set.
 
-    python bench/results/training/comparison/geometry.py raw=causal-eos:smollm2-135m label=ADAPTER_DIR ...
+    python bench/probes/training/geometry.py raw=causal-eos:smollm2-135m LABEL=RUN_DIR ...   (run from anywhere)
 
 For each model: the first 200 Debian dev descriptions embedded as documents (no instruction),
 L2-normalized; prints the mean and standard deviation of the off-diagonal cosine similarities. A model
 whose embeddings cannot tell texts apart has mean -> 1 and std -> 0 (the InfoNCE loss of such a model is
 log of the candidate count, which is where the collapsed runs' loss sits).
 """
+import argparse
+import os
 import sys
 
 import torch
-
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3))  # the repository
 from gircse import GIRCSE
 from gircse.data.debian.dev import load_dev
 
@@ -37,4 +39,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", metavar="LABEL=MODEL",
+                        help="MODEL: a saved GIRCSE directory, or causal-eos:NAME for a base model's EOS state")
+    main(parser.parse_args().models)

@@ -1,12 +1,24 @@
-"""Side-by-side: the C++ tile path at the automatic tile_v vs tile_v = 256 / 128 (time + peak extra memory)."""
+"""Which vocabulary tile size should the C++ tile path use: the automatic tile_v vs 256 and 128 rows?
+
+Side by side: time + peak extra memory, forward, d_hidden-only and full backward, tied weights.
+(The automatic size was 2^20 elements when this ran; it is 2^18 = 256 rows since, so `auto` now
+equals `256` at real widths.) Result: bench/results/cpu-amd-epyc-avx512bf16-2c/tile-size/.
+
+    python bench/probes/tile-size/probe.py out.json     (run from anywhere)
+"""
+import argparse
 import json
 import os
 import sys
 
 import torch
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 4))  # the repository
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3))  # the repository
 from bench.harness import time_methods
 from gircse_kernels import cpu
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("out", help="JSON file for the rows")
+args = parser.parse_args()
 
 torch.manual_seed(0)
 SHAPES = {"smollm2": (49152, 576), "qwen2.5-0.5b": (151936, 896)}
@@ -39,4 +51,4 @@ for name, (V, d) in SHAPES.items():
                            **{f"mib_{k}": round(m.peak_mib, 2) for k, m in res.items()})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-json.dump(rows, open(sys.argv[1], "w"), indent=1)
+json.dump(rows, open(args.out, "w"), indent=1)

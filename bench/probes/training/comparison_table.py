@@ -1,23 +1,25 @@
-"""The issue-16 comparison table from the committed dev results (run from the repository root):
+"""Print the training table of docs/training.md (every dev result of issue 16 and the first runs).
 
-    python bench/results/training/comparison/table.py
+Reads the committed runs under bench/results/training/ (run from anywhere):
+
+    python bench/probes/training/comparison_table.py
 """
+import argparse
 import json
 import os
 
-ROOT = os.path.join("bench", "results", "training")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "results", "training")
 RUNS = [  # (label, dev results, training config or None for an untrained model)
-    ("raw SmolLM2, EOS state", "raw-causal-eos.json", None),
-    ("raw SmolLM2, GIRCSE", "raw-gircse.json", None),
-    ("Causal-EOS, first run", "trained-causal-eos.json", "causal-eos_train_config.json"),
-    ("GIRCSE, first run (default adapter until now)", "trained-gircse.json", "gircse_train_config.json"),
+    ("raw SmolLM2, EOS state", "untrained/causal-eos/dev.json", None),
+    ("raw SmolLM2, GIRCSE", "untrained/gircse/dev.json", None),
+    ("Causal-EOS, first run", "first-runs/313-steps/causal-eos/dev.json", "first-runs/313-steps/causal-eos/train_config.json"),
+    ("GIRCSE, first run (default adapter until now)", "first-runs/313-steps/gircse/dev.json",
+     "first-runs/313-steps/gircse/train_config.json"),
     ("Causal-EOS, 150 steps", "lr-sweep-150-steps-causal-eos/causal-eos-lr1e-4/dev.json",
      "lr-sweep-150-steps-causal-eos/causal-eos-lr1e-4/train_config.json"),
     ("Causal-EOS, tau 0.05", "comparison/causal-eos-tau0.05/dev.json", "comparison/causal-eos-tau0.05/train_config.json"),
     ("GIRCSE, tau 0.05 (the default adapter)", "comparison/gircse-tau0.05/dev.json", "comparison/gircse-tau0.05/train_config.json"),
     ("GIRCSE, tau 0.05, at step 200", "comparison/gircse-tau0.05/step200-dev.json",
-     "comparison/gircse-tau0.05/train_config.json"),
-    ("GIRCSE, tau 0.05, at step 250", "comparison/gircse-tau0.05/step250-dev.json",
      "comparison/gircse-tau0.05/train_config.json"),
     ("GIRCSE, tau 0.05, step losses averaged", "comparison/gircse-tau0.05-mean/dev.json",
      "comparison/gircse-tau0.05-mean/train_config.json"),
@@ -29,10 +31,7 @@ def main():
           "| R@1 | R@10 | section kNN acc |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, dev_path, config_path in RUNS:
-        dev_path = os.path.join(ROOT, dev_path)
-        if not os.path.exists(dev_path):
-            continue
-        dev = json.load(open(dev_path))
+        dev = json.load(open(os.path.join(ROOT, dev_path)))
         if config_path:
             c = json.load(open(os.path.join(ROOT, config_path)))
             steps = label.rsplit("step ", 1)[1] if "at step" in label else str(c["total_steps"])
@@ -49,4 +48,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
