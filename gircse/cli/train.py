@@ -40,7 +40,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-reduction", choices=("sum", "mean"), default=d.step_reduction,
                         help="combine the K step losses by sum (the paper's Eq. 7) or mean (the authors' code)")
     parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="end the run after this many optimizer steps (the lr schedule spans them)")
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="stop after this step of the full schedule, writing the checkpoint and the model "
+                             "at that step; a later --resume continues the same run")
     parser.add_argument("--max-length", type=int, default=d.max_length)
     parser.add_argument("--lora-r", type=int, default=d.lora_r)
     parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
@@ -73,7 +77,8 @@ def config_from_args(args):
         method=args.method, k=args.k, temperature=args.temperature, lam=args.lam,
         step_reduction=args.step_reduction, lr=args.lr,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_steps=args.max_steps, stop_at_step=args.stop_at_step, batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         num_negatives=args.num_negatives, embed_chunk=args.gradcache_chunk, max_length=args.max_length,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_target_modules=targets, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,

@@ -11,6 +11,7 @@ _LAZY = {
     "batch_gradients": "gircse.training.trainer",
     "embed_texts": "gircse.training.trainer",
     "export_checkpoint": "gircse.training.trainer",
+    "frozen_linear_weights_in_bf16": "gircse.training.trainer",
     "train": "gircse.training.trainer",
     "trainable_parameters": "gircse.training.trainer",
 }

@@ -22,7 +22,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     epochs: int = 1
-    max_steps: int | None = None        # stop early (after this many optimizer steps)
+    max_steps: int | None = None        # a shorter run: the schedule (warmup, decay) spans this many steps
+    stop_at_step: int | None = None     # pause after this step of the schedule (checkpoint + model); --resume goes on
     batch_size: int = 16                # rows per rank per micro-batch
     grad_accum: int = 1                 # micro-batches per optimizer step
     num_negatives: int = 1              # hard negatives per row (the first ones in "neg")
@@ -79,6 +80,7 @@ RULES = {
     "weight_decay": real(minimum=0),
     "epochs": integer(1),
     "max_steps": optional(integer(1)),
+    "stop_at_step": optional(integer(1)),
     "batch_size": integer(1),
     "grad_accum": integer(1),
     "num_negatives": integer(0),

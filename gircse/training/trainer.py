@@ -44,13 +44,13 @@ from . import distributed as D
 from .checkpoint import CHECKPOINT_FILE, checkpoint_info, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainConfig", "apply_lora", "batch_gradients", "check_training_file", "embed_texts", "train",
-           "trainable_parameters"]
+__all__ = ["TrainConfig", "apply_lora", "batch_gradients", "check_training_file", "embed_texts",
+           "frozen_linear_weights_in_bf16", "train", "trainable_parameters"]
 
 LOG_FILE = "train_log.jsonl"
 # Options a resumed run may change; any other difference from the checkpoint's config is an error
 # (it would silently change the data order, the schedule or the objective).
-_RESUME_MAY_CHANGE = {"progress", "checkpoint_every", "log_every"}
+_RESUME_MAY_CHANGE = {"progress", "checkpoint_every", "log_every", "stop_at_step"}
 
 
 # ---------------------------------------------------------------------- model preparation
@@ -88,6 +88,44 @@ def _autocast(config: TrainConfig, device: torch.device):
     if config.bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def frozen_linear_weights_in_bf16(model, enabled: bool = True):
+    """Hold the frozen linear weights of ``model.model`` in bf16 while the block runs; restore the
+    original fp32 tensors after it.
+
+    Why: bf16 autocast casts an fp32 weight to bf16 at *every* ``F.linear`` call, and caches the cast
+    only for leaf tensors that require grad, i.e. never for a LoRA run's frozen base weights. Every
+    decoder call (a prefill and each of the K soft-token steps, per text group) therefore re-reads
+    the fp32 weights, writes a bf16 copy and, for backward, keeps that copy alive: with K = 5 and
+    three groups per micro-batch that is ~18 copies of the decoder's linear weights per step. Casting
+    once up front is bit-identical (the same round-to-nearest of the same fp32 values; autocast's
+    cast of a bf16 tensor to bf16 is a no-op) and every saved tensor is then the weight itself.
+
+    Only frozen ``nn.Linear`` weights are cast: trainable ones (LoRA) stay fp32 master weights, and a
+    weight shared with the input embeddings (a tied LM head) stays fp32, since embeddings and norms run
+    outside autocast's bf16 list and the residual stream must keep their precision.
+    """
+    if not enabled:
+        yield
+        return
+    from ..generation import base_causal_lm
+
+    causal_lm = base_causal_lm(model.model)
+    embeddings = causal_lm.get_input_embeddings().weight
+    swapped = []
+    for module in causal_lm.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and weight is not None and not weight.requires_grad
+                and weight.dtype == torch.float32 and weight is not embeddings):
+            swapped.append((weight, weight.data))
+            weight.data = weight.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for weight, fp32 in swapped:
+            weight.data = fp32
 
 
 # ---------------------------------------------------------------------- one contrastive batch
@@ -288,41 +326,45 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
                 torch.distributed.barrier()
 
         batches = _micro_batches(data, config, step * rows_per_step, world, rank)
+        # stop_at_step pauses the run inside its schedule (the lr follows ``total``); resume continues it.
+        end = total if config.stop_at_step is None else min(total, config.stop_at_step)
         bar = None
         if config.progress and rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=step, desc=f"train {config.method}", unit="step", file=sys.stderr)
-        while step < total:
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            losses, steps_l = [], []
-            for _ in range(config.grad_accum):
-                rows = next(batches)
-                loss, per_step = batch_gradients(model, rows, config, scale=1.0 / config.grad_accum)
-                losses.append(loss)
-                steps_l.append(per_step)
-            D.all_reduce_gradients(params.values())
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss = torch.stack(losses).mean().item()
-            per_step = torch.stack(steps_l).mean(0).tolist()
-            if rank == 0:
-                if step % config.log_every == 0 or step == total:
-                    with open(log_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": step, "loss": loss, "L": per_step, "lr": lr,
-                                            "seconds": round(time.perf_counter() - started, 4)}) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", L_K=f"{per_step[-1]:.4f}")
-            if config._kill_after_step is not None and step == config._kill_after_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step == total or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint()
+        # bf16 autocast: the frozen weights are cast once here instead of at every linear call.
+        with frozen_linear_weights_in_bf16(model, enabled=config.bf16):
+            while step < end:
+                started = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                losses, steps_l = [], []
+                for _ in range(config.grad_accum):
+                    rows = next(batches)
+                    loss, per_step = batch_gradients(model, rows, config, scale=1.0 / config.grad_accum)
+                    losses.append(loss)
+                    steps_l.append(per_step)
+                D.all_reduce_gradients(params.values())
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss = torch.stack(losses).mean().item()
+                per_step = torch.stack(steps_l).mean(0).tolist()
+                if rank == 0:
+                    if step % config.log_every == 0 or step == end:
+                        with open(log_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps({"step": step, "loss": loss, "L": per_step, "lr": lr,
+                                                "seconds": round(time.perf_counter() - started, 4)}) + "\n")
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", L_K=f"{per_step[-1]:.4f}")
+                if config._kill_after_step is not None and step == config._kill_after_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if step == end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    checkpoint()
         if bar is not None:
             bar.close()
         model.eval()

@@ -119,6 +119,41 @@ def test_bf16_autocast_loss_fp32(smollm2_tokenizer):
     assert abs(loss.item() - loss32.item()) < 0.1 * loss32.item()
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_frozen_weights_cast_once_give_autocasts_bits(smollm2_tokenizer, tie):
+    """``train`` under bf16 casts the frozen linear weights once instead of autocast casting them at
+    every call: the loss and every LoRA gradient must be bit-identical, the tied embedding must stay
+    fp32, and the fp32 weights must come back afterwards (the same tensors, not a bf16 round trip)."""
+    from gircse import GIRCSE
+    from gircse.generation import base_causal_lm
+    from gircse.training import frozen_linear_weights_in_bf16
+
+    from .conftest import tiny_causal_lm
+
+    config = TrainConfig(method="gircse", k=3, lora_r=4, lora_alpha=8, num_negatives=1, bf16=True)
+    model = GIRCSE(tiny_causal_lm("llama", tie=tie), smollm2_tokenizer, k=3, max_length=64)
+    apply_lora(model, config)
+    with torch.no_grad():
+        for name, p in trainable_parameters(model).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    rows = make_rows(4)
+    loss, per_step, grads = grads_of(model, rows, config)
+    causal_lm = base_causal_lm(model.model)
+    before = {n: (p.data_ptr(), p.dtype) for n, p in causal_lm.named_parameters()}
+    with frozen_linear_weights_in_bf16(model):
+        dtypes = {n: p.dtype for n, p in causal_lm.named_parameters()}
+        head_dtype = causal_lm.get_output_embeddings().weight.dtype
+        loss_once, per_step_once, grads_once = grads_of(model, rows, config)
+    assert dtypes["model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # embeddings, and the LM head when tied
+    assert head_dtype == (torch.float32 if tie else torch.bfloat16)
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert torch.equal(loss, loss_once) and torch.equal(per_step, per_step_once)
+    assert grads.keys() == grads_once.keys() and all(torch.equal(grads[n], grads_once[n]) for n in grads)
+    assert all((p.data_ptr(), p.dtype) == before[n] for n, p in causal_lm.named_parameters())
+
+
 def test_train_end_to_end(smollm2_tokenizer, tmp_path):
     from gircse import GIRCSE
 

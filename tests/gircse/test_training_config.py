@@ -30,7 +30,7 @@ def test_a_field_without_a_rule_is_refused(monkeypatch):
     ("lora_alpha", 0), ("lora_alpha", -8), ("lora_dropout", 1.0), ("lora_dropout", -0.1),
     ("lora_target_modules", []), ("lora_target_modules", ""), ("lora_target_modules", ["q_proj", ""]),
     ("gradient_checkpointing", 1), ("bf16", "yes"), ("max_grad_norm", 0.0), ("max_grad_norm", -1.0),
-    ("checkpoint_every", -1), ("seed", -1), ("progress", None), ("log_every", 0), ("_kill_after_step", 0),
+    ("checkpoint_every", -1), ("stop_at_step", 0), ("seed", -1), ("progress", None), ("log_every", 0), ("_kill_after_step", 0),
 ])
 def test_bad_values_name_the_option(field, bad):
     with pytest.raises((ValueError, TypeError), match=field):

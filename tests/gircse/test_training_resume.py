@@ -64,6 +64,33 @@ def test_kill_and_resume_equals_uninterrupted(smollm2_tokenizer, tmp_path):
     assert all(torch.equal(v, _tensors(os.path.join(killed, "checkpoint.safetensors"))[k]) for k, v in b.items())
 
 
+def test_stop_at_step_pauses_inside_the_schedule_and_resume_finishes_it(smollm2_tokenizer, tmp_path):
+    """``stop_at_step`` ends the process after that step of the *full* schedule (lr as in the full run, a
+    checkpoint and a loadable model at that step); ``resume`` then ends exactly where an uninterrupted run does."""
+    from safetensors import safe_open
+
+    from .test_training import make_rows, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", make_rows(11, seed=7))  # 5 steps of 2 rows
+    full, paused = str(tmp_path / "full"), str(tmp_path / "paused")
+    run(smollm2_tokenizer, data, full)
+    run(smollm2_tokenizer, data, paused, stop_at_step=3)
+    log_full = open_log(full)
+    log_paused = open_log(paused)
+    assert [e["lr"] for e in log_paused] == [e["lr"] for e in log_full[:3]]  # the 5-step schedule, not a 3-step one
+    assert json.load(open(os.path.join(paused, "train_config.json")))["total_steps"] == 5
+    with safe_open(os.path.join(paused, "checkpoint.safetensors"), "pt") as f:  # the checkpoint is step 3's
+        assert json.loads(f.metadata()["info"])["step"] == 3
+    run(smollm2_tokenizer, data, paused, resume=True)
+    a, b = _tensors(os.path.join(full, "checkpoint.safetensors")), _tensors(os.path.join(paused, "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert [e["loss"] for e in open_log(paused)] == [e["loss"] for e in log_full]
+
+
+def open_log(out):
+    return [json.loads(l) for l in open(os.path.join(out, "train_log.jsonl"))]
+
+
 def test_resume_rejects_a_different_config(smollm2_tokenizer, tmp_path):
     import pytest
 
