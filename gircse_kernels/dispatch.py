@@ -18,9 +18,9 @@ def triton_interpreting() -> bool:
 
 
 def _triton_backend() -> types.ModuleType:
-    from . import triton_fused
+    from .triton import host
 
-    return triton_fused
+    return host
 
 
 def _cpu_backend() -> types.ModuleType | None:
