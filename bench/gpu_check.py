@@ -10,7 +10,7 @@ GPU: the time is an estimate), that writes
 0. the Triton kernels of every call below compiled ahead in parallel processes (the JIT would compile
    them one by one on first use), into Triton's cache, with the JIT's exact specialization;
 1. environment and calibration: GPU, SMs, L2; measured HBM copy bandwidth, L2 bandwidth (a copy that
-   fits in L2) and the bf16 GEMM rate -- the machine model of ``gircse_kernels.roofline``;
+   fits in L2) and the bf16 GEMM rate -- the machine model of ``gircse_kernels.triton.roofline``;
 2. correctness at the real LM-head shapes (SmolLM2-135M 49152x576 tied, Qwen2.5-0.5B 151936x896 tied,
    Mistral-7B 32000x4096, Qwen2-7B 152064x3584), bf16 and fp32, forward and every gradient, tied and
    untied, a bias with -inf entries: each against an fp64 truth with the shared oracle
@@ -155,7 +155,8 @@ def planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms,
 def _planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms, upcast):
     import torch
 
-    from gircse_kernels import triton_fused as tf
+    from gircse_kernels.triton import gemm_path, host
+    from gircse_kernels.triton.config import GEMM_GRAD_ROWS
 
     dtype = getattr(torch, dtype_name)
     meta = dict(dtype=dtype, device="meta")
@@ -165,7 +166,7 @@ def _planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms
     lse, grad_out = torch.empty(rows, **f32), torch.empty(rows, de, **meta)
     b = torch.empty(vocab, **meta) if bias else None
     kw = dict(temperature=1.0, softcap=None)
-    cfg = tf.config_for(hidden, weight, embed, sms=sms)
+    cfg = host.config_for(hidden, weight, embed, sms=sms)
     if cfg.kind == "gemm":
         chunk = cfg.gemm_chunk_forward if pass_name == "forward" else cfg.gemm_chunk
         p = torch.empty(rows, chunk, **meta)
@@ -174,20 +175,20 @@ def _planned_launches(pass_name, rows, vocab, d, de, tied, dtype_name, bias, sms
             n = min(chunk, vocab - v0)
             z = torch.empty(rows, n, **f32)
             if pass_name == "forward":
-                launches.append(tf.chunk_softmax_launch(z, b, p[:, :n], lse, lse, lse, v0, **kw))
+                launches.append(gemm_path.chunk_softmax_launch(z, b, p[:, :n], lse, lse, lse, v0, **kw))
             else:
                 db_part = None if b is None or pass_name != "full-backward" else \
-                    torch.empty(-(-rows // tf.GEMM_GRAD_ROWS), chunk, **f32)[:, :n]
-                launches.append(tf.chunk_grad_launch(z, z, b, lse, lse, p[:, :n], p[:, :n], db_part, v0, **kw))
+                    torch.empty(-(-rows // GEMM_GRAD_ROWS), chunk, **f32)[:, :n]
+                launches.append(gemm_path.chunk_grad_launch(z, z, b, lse, lse, p[:, :n], p[:, :n], db_part, v0, **kw))
         return launches
     if pass_name == "forward":
-        return tf.forward_launches(hidden, weight, embed, b, torch.empty(rows, de, **f32), lse, tied=tied,
-                                   upcast=upcast, sms=sms, **kw)
+        return host.forward_launches(hidden, weight, embed, b, torch.empty(rows, de, **f32), lse, tied=tied,
+                                     upcast=upcast, sms=sms, **kw)
     full = pass_name == "full-backward"
-    return tf.backward_launches(grad_out, hidden, weight, embed, b, lse, lse, tied=tied, need_hidden=True,
-                                need_weight=full, need_embed=full, need_bias=full and bias,
-                                merge_tied_grads=full and tied, grad_filter_eps=0.0, upcast=upcast, sms=sms,
-                                **kw)[0]
+    return host.backward_launches(grad_out, hidden, weight, embed, b, lse, lse, tied=tied, need_hidden=True,
+                                  need_weight=full, need_embed=full, need_bias=full and bias,
+                                  merge_tied_grads=full and tied, grad_filter_eps=0.0, upcast=upcast, sms=sms,
+                                  **kw)[0]
 
 
 def _compile_planned(job):
@@ -196,7 +197,7 @@ def _compile_planned(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gircse_kernels.triton_aot import jit_specialization
+    from gircse_kernels.triton.aot import jit_specialization
 
     (*call, index, blocks), (backend, arch, warp) = job
     launch = planned_launches(*call, blocks=blocks)[index]
@@ -217,7 +218,7 @@ def precompile(calls, target, sms, budget_s):
     import concurrent.futures
     import multiprocessing
 
-    from gircse_kernels.triton_aot import jit_specialization
+    from gircse_kernels.triton.aot import jit_specialization
 
     start = time.perf_counter()
     jobs, seen = [], set()
@@ -296,7 +297,7 @@ def calibrate(device, small):
 
 
 def calibrated_hardware(calib, env):
-    from gircse_kernels import roofline as rl
+    from gircse_kernels.triton import roofline as rl
 
     base = rl.H200 if "H200" in env.get("gpu", "H200") else rl.H100
     return dataclasses.replace(base, name=f"{env.get('gpu', 'this device')} (measured)",
@@ -376,7 +377,7 @@ def check_case(name, shape, rows, dtype, tied, mask, bias, device):
 def _kind(rows, vocab, d, de, dtype, device):
     import torch
 
-    from gircse_kernels.triton_config import choose_config, num_sms
+    from gircse_kernels.triton.config import choose_config, num_sms
 
     return choose_config(rows, vocab, d, de, dtype, num_sms(torch.device(device))).kind
 
@@ -504,7 +505,7 @@ def sdpa_forward(h, w, e, b):
 def timing_rows(models, batches, device, hardware_model, hardware_measured, clock, reserve_s):
     import torch
 
-    from gircse_kernels import roofline as rl
+    from gircse_kernels.triton import roofline as rl
 
     rows_out = []
     for name, (vocab, d, de, tied) in models.items():
@@ -600,7 +601,7 @@ SWEEP_KERNELS = {"forward": "forward", "dh-backward": "backward_hidden"}
 
 
 def _chunk_rows(vocab: int, fraction: int) -> int:
-    from gircse_kernels import triton_config
+    from gircse_kernels.triton import config as triton_config
 
     align = triton_config.GEMM_CHUNK_ALIGN
     return max(align, -(-vocab // fraction // align) * align)
@@ -611,7 +612,7 @@ def overriding(blocks=None, gemm_chunk=None):
     """Plans and launches under one sweep alternative: ``blocks`` = (BLOCKS key, choice) replaces that
     entry, ``gemm_chunk`` makes every GEMM-path chunk that many rows; everything is restored after.
     With neither, nothing is touched (the plain plans of the precompile section)."""
-    from gircse_kernels import triton_config
+    from gircse_kernels.triton import config as triton_config
 
     if blocks is None and gemm_chunk is None:
         yield
@@ -636,7 +637,7 @@ def sweep_cells(models, num_sms):
     choices (the one in use first)."""
     import torch
 
-    from gircse_kernels import triton_config
+    from gircse_kernels.triton import config as triton_config
 
     cells = []
     for pass_name, rows, setting, alternatives in SWEEP:
@@ -659,7 +660,7 @@ def sweep_cells(models, num_sms):
 
 
 def sweep(models, device, clock, reserve_s, hardware_model):
-    from gircse_kernels import roofline as rl
+    from gircse_kernels.triton import roofline as rl
 
     results = []
     for cell in sweep_cells(models, hardware_model.num_sms):
@@ -686,16 +687,16 @@ def sweep(models, device, clock, reserve_s, hardware_model):
 def _sweep_time(pass_name, rows, vocab, d, de, tied, device):
     import torch
 
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     h, w, e, _ = make_inputs(vocab, d, de, torch.bfloat16, device, rows=rows, tied=tied, bias=False)
     kw = dict(temperature=1.0, softcap=None, tied=tied)
     if pass_name == "forward":
-        return timed(lambda: triton_fused.forward(h, w, e, None, **kw), device)
-    out32, lse = triton_fused.forward(h, w, e, None, **kw)
+        return timed(lambda: host.forward(h, w, e, None, **kw), device)
+    out32, lse = host.forward(h, w, e, None, **kw)
     go = torch.randn(rows, de, device=device, dtype=torch.bfloat16)
     delta = (go.float() * out32).sum(-1)
-    return timed(lambda: triton_fused.backward(go, h, w, e, None, lse, delta, **kw), device)
+    return timed(lambda: host.backward(go, h, w, e, None, lse, delta, **kw), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -778,7 +779,7 @@ def run(args) -> dict:
     """Run the requested sections within the budget; returns the report (also written to ``args.out``)."""
     import torch
 
-    from gircse_kernels import roofline as rl
+    from gircse_kernels.triton import roofline as rl
 
     clock = Clock(args.budget_s)
     device = args.device

@@ -326,7 +326,7 @@ def decode_grid(size, device):
 
 
 def test_bench_decode_step(report, size, device):
-    from gircse_kernels.triton_config import choose_config, num_sms
+    from gircse_kernels.triton.config import choose_config, num_sms
 
     section = report.section(
         "decode", "Decode step: one soft token (no grad) against a copy of W",

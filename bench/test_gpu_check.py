@@ -40,7 +40,7 @@ def test_budget_skips_sections_and_says_so(tmp_path, monkeypatch):
 
 
 def test_calibrated_hardware_feeds_the_roofline():
-    from gircse_kernels import roofline
+    from gircse_kernels.triton import roofline
 
     env = dict(gpu="NVIDIA H200", sms=132, l2_mib=60.0)
     hw = gpu_check.calibrated_hardware(dict(hbm_bytes_per_s=4.0e12, l2_bytes_per_s=9e12, gemm_flops=700e12), env)
@@ -111,22 +111,23 @@ def test_precompile_plans_are_the_launches_that_run(pass_name, rows, tied, bias,
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (no kernel runs: Launch.__call__ only records)
     import torch
 
-    from gircse_kernels import triton_fused
-    from gircse_kernels.triton_aot import jit_specialization
+    from gircse_kernels.triton import host
+    from gircse_kernels.triton.aot import jit_specialization
+    from gircse_kernels.triton.launch import Launch
 
     vocab, d, de, _ = gpu_check.SMALL_MODELS["tiny-wide"]
     de = d if tied else de
     ran = []
-    monkeypatch.setattr(triton_fused.Launch, "__call__", lambda self: ran.append(self))
+    monkeypatch.setattr(Launch, "__call__", lambda self: ran.append(self))
     h, w, e, b = gpu_check.make_inputs(vocab, d, de, torch.float32, "cpu", rows=rows, tied=tied, bias=bias)
     lse = torch.zeros(rows)
     kw = dict(temperature=1.0, softcap=None, tied=tied)
     if pass_name == "forward":
-        triton_fused.forward(h, w, e, b, **kw)
+        host.forward(h, w, e, b, **kw)
     else:
         full = pass_name == "full-backward"
-        triton_fused.backward(torch.zeros(rows, de), h, w, e, b, lse, lse, need_hidden=True, need_weight=full,
-                              need_embed=full, need_bias=full and bias, merge_tied_grads=full and tied, **kw)
+        host.backward(torch.zeros(rows, de), h, w, e, b, lse, lse, need_hidden=True, need_weight=full,
+                      need_embed=full, need_bias=full and bias, merge_tied_grads=full and tied, **kw)
     planned = gpu_check.planned_launches(pass_name, rows, vocab, d, de, tied, "float32", bias, 4, upcast=True)
 
     def key(launch):
@@ -142,7 +143,7 @@ def test_sweep_times_the_choice_in_use_first_and_survives_a_failing_alternative(
     on; BLOCKS and the GEMM chunk rule are restored."""
     import torch
 
-    from gircse_kernels import roofline, triton_config
+    from gircse_kernels.triton import config as triton_config, roofline
 
     before, chunk_rule = dict(triton_config.BLOCKS), triton_config.gemm_chunk
     vocab, d, _, _ = gpu_check.MODELS["SmolLM2-135M"]
@@ -182,7 +183,7 @@ def test_sweep_times_the_choice_in_use_first_and_survives_a_failing_alternative(
 def test_precompile_plans_a_sweep_alternative_under_its_tiles():
     """The precompile section compiles each sweep tile alternative as the sweep will launch it: the plan
     under ``blocks`` carries the alternative's tile constexprs, and BLOCKS is left as it was."""
-    from gircse_kernels import triton_config
+    from gircse_kernels.triton import config as triton_config
 
     before = dict(triton_config.BLOCKS)
     vocab, d, de, tied = gpu_check.MODELS["Qwen2.5-0.5B"]

@@ -5,7 +5,8 @@ Forward and backward never materialize the [B, V] logits or probabilities. Backe
 ``gircse_kernels.reference`` is the materializing specification they are all tested against.
 """
 from . import reference
-from .dispatch import resolve_backend, soft_token_embedding
+from .backends import resolve_backend
+from .dispatch import soft_token_embedding
 from .module import SoftTokenEmbedding
 
 __all__ = [

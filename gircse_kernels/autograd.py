@@ -42,6 +42,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .backends import resolve_backend
+
 __all__ = ["same_storage", "soft_token_embedding_op", "soft_token_embedding_backward_op"]
 
 
@@ -56,8 +58,6 @@ def same_storage(a: Tensor, b: Tensor) -> bool:
 
 
 def _backend_module(backend: str, device: torch.device):
-    from .dispatch import resolve_backend  # the dispatcher imports this module: resolve lazily
-
     return resolve_backend(backend, device)[1]
 
 

@@ -5,7 +5,7 @@ CppExtension + ninja). When the installed package has no compiled ``_C`` (no com
 time, or a source checkout), the first use tries a JIT build of the same source with
 ``torch.utils.cpp_extension.load`` (cached under ``$GIRCSE_EXT_DIR`` or torch's extension directory);
 if that fails too, :func:`available` returns False and ``backend="auto"`` falls back to
-``backend="torch"`` with a one-time warning (see ``dispatch.py``). ``GIRCSE_NO_JIT=1`` disables the
+``backend="torch"`` with a one-time warning (see ``backends.py``). ``GIRCSE_NO_JIT=1`` disables the
 JIT attempt. ``GIRCSE_REQUIRE_EXTENSION=1`` (set by CI) makes a missing compiled ``_C`` an error
 instead: no JIT, no fallback, :func:`load_extension` and :func:`available` raise.
 

@@ -516,9 +516,9 @@ def test_bad_inputs_to_backend_are_clear_errors():
 
 
 def test_auto_prefers_cpu_backend():
-    from gircse_kernels import dispatch
+    from gircse_kernels import backends
 
-    assert dispatch.resolve_backend("auto", torch.device("cpu")) == ("cpu", cpu)
+    assert backends.resolve_backend("auto", torch.device("cpu")) == ("cpu", cpu)
 
 
 @pytest.mark.parametrize("cpu_path", ["tiles", "stream"], indirect=True)

@@ -1,31 +1,8 @@
-import warnings
-
-import pytest
 import torch
 
 import gircse_kernels
-from gircse_kernels import dispatch, reference, soft_token_embedding, torch_chunked
+from gircse_kernels import reference, soft_token_embedding
 from tests.gircse_kernels.op_cases import Case, make_inputs
-
-
-def test_auto_on_cpu_prefers_cpu_extension_else_torch(monkeypatch):
-    name, module = dispatch.resolve_backend("auto", torch.device("cpu"))
-    from gircse_kernels import cpu
-
-    assert name == "cpu" if cpu.extension_required() else name in ("cpu", "torch")
-    monkeypatch.setattr(dispatch, "_cpu_backend", lambda: None)
-    monkeypatch.setattr(dispatch, "_warned_cpu_fallback", False)
-    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU extension is not available"):
-        assert dispatch.resolve_backend("auto", torch.device("cpu")) == ("torch", torch_chunked)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fallback warns once, not on every call
-        dispatch.resolve_backend("auto", torch.device("cpu"))
-
-
-def test_cpu_backend_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(dispatch, "_cpu_backend", lambda: None)
-    with pytest.raises(RuntimeError, match="backend='cpu' was requested"):
-        dispatch.resolve_backend("cpu", torch.device("cpu"))
 
 
 def test_non_contiguous_inputs_and_leading_dims():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gircse_kernels import reference
-from gircse_kernels.triton_config import MIN_TILES_PER_SPLIT, WORKSPACE_BUDGET_BYTES, choose_config
+from gircse_kernels.triton.config import MIN_TILES_PER_SPLIT, WORKSPACE_BUDGET_BYTES, choose_config
 from tests.gircse_kernels.op_cases import Case, make_inputs
 
 H100_SMS = 132
@@ -36,7 +36,7 @@ def test_register_widths_keep_the_fused_kernels_at_any_batch(rows):
 def test_larger_batches_at_real_widths_take_the_gemm_path(rows):
     """B > 16 with d or d_e walked in chunks (B >= 64 up to d = 1024): vocabulary-chunked GEMMs, buffers
     bounded, never [B, V]."""
-    from gircse_kernels.triton_config import GEMM_BUFFER_BYTES
+    from gircse_kernels.triton.config import GEMM_BUFFER_BYTES
 
     cfg = choose_config(rows, 49152, 3584, 3584, torch.bfloat16, H100_SMS)
     assert cfg.kind == "gemm"
@@ -120,12 +120,12 @@ needs_kernels = pytest.mark.skipif(
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_forward_matches_reference(rows, num_splits, dtype):
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     case = Case(lead=(rows,), vocab=2001, d=64, dtype=dtype, tied=True)  # 2001 = odd, splits do not divide
     h, w, e, _ = make_inputs(case, DEVICE)
-    out, lse = triton_fused.forward(h, w, e, None, temperature=1.0, softcap=None, tied=True,
-                                    num_splits=num_splits)
+    out, lse = host.forward(h, w, e, None, temperature=1.0, softcap=None, tied=True,
+                            num_splits=num_splits)
     truth = reference.soft_token_embedding(h.double(), w.double(), w.double())
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(out.double().cpu(), truth.cpu(), rtol=0, atol=tol * truth.abs().max().item())

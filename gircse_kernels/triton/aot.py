@@ -5,7 +5,7 @@ Triton wheel reports registers, spills and shared memory per kernel. This catche
 interpreter forgives (layout / shape errors, register blow-ups, shared memory over the limit).
 
 What is compiled is what runs. Each job builds its launches with the launchers' own plan builders
-(``triton_fused.forward_plan`` & co., on meta tensors) and derives the specialization exactly as
+(``forward.forward_plan`` & co., on meta tensors) and derives the specialization exactly as
 Triton's JIT does from the arguments (``jit_specialization``): an integer argument equal to 1 becomes
 a constant, one divisible by 16 gets ``tt.divisibility = 16``, and so does a 16-byte-aligned
 pointer. Without those attributes the compiler emits scalar loads and no ``cp.async`` pipeline (a
@@ -20,8 +20,8 @@ Checks on every compiled kernel (a failure raises):
     later iteration of any enclosing loop -- without a CTA barrier in between (checked on the TTGIR,
     i.e. after software pipelining; an innermost chunk loop touches a different chunk per iteration).
 
-    python -m gircse_kernels.triton_aot                         # complete-by-kind subset, sm_80 + sm_90
-    python -m gircse_kernels.triton_aot --all --markdown bench/results/triton_aot.md
+    python -m gircse_kernels.triton.aot                         # complete-by-kind subset, sm_80 + sm_90
+    python -m gircse_kernels.triton.aot --all --markdown bench/results/triton_aot.md
 
 Must run without ``TRITON_INTERPRET`` (the interpreter has no compiler).
 """
@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from .triton_config import OpConfig, choose_config, dtype_name
+from .config import OpConfig, choose_config, dtype_name
 
 # Opt-in shared memory per block (A100: 163 KiB, H100/H200: 227 KiB): a config above it cannot launch.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
@@ -86,7 +86,10 @@ class Job:
 
 def plan_launches(cfg: OpConfig, variant: str):
     """The launches the backend makes for ``cfg`` (meta tensors: nothing is allocated)."""
-    from . import triton_fused as tf
+    from .backward_dh import backward_hidden_plan
+    from .backward_tiles import backward_tiles_plan
+    from .forward import forward_plan
+    from .gemm_path import chunk_grad_launch, chunk_softmax_launch
 
     full = variant == "full"
     meta = dict(dtype=cfg.dtype, device="meta")
@@ -100,10 +103,10 @@ def plan_launches(cfg: OpConfig, variant: str):
     out32 = torch.empty(cfg.row_group, cfg.d_embed, dtype=torch.float32, device="meta")
     common = dict(temperature=0.7, softcap=30.0 if full else None, tied=tied, upcast=False)
     grads = dict(grad_filter_eps=1e-4 if full else 0.0)
-    launches = tf.forward_plan(cfg, hidden, weight, embed, bias, out32, lse, **common)
-    launches += tf.backward_hidden_plan(cfg, grad_out, hidden, weight, embed, bias, lse, lse, torch.empty_like(hidden),
-                                        **common, **grads)
-    launches += tf.backward_tiles_plan(
+    launches = forward_plan(cfg, hidden, weight, embed, bias, out32, lse, **common)
+    launches += backward_hidden_plan(cfg, grad_out, hidden, weight, embed, bias, lse, lse, torch.empty_like(hidden),
+                                     **common, **grads)
+    launches += backward_tiles_plan(
         cfg, grad_out, hidden, weight, embed, bias, lse, lse, need_hidden=cfg.fold_backward, need_weight=True,
         need_embed=True, need_bias=full, merge_tied_grads=tied, **common, **grads)[0]
     # The GEMM path's elementwise kernels (a [rows, chunk] slice of its buffers; dtype- and feature-specific).
@@ -112,8 +115,8 @@ def plan_launches(cfg: OpConfig, variant: str):
     p = torch.empty(cfg.row_group, chunk, **meta)
     db_part = torch.empty(2, chunk, dtype=torch.float32, device="meta") if full else None
     scalars = dict(temperature=common["temperature"], softcap=common["softcap"])
-    launches.append(tf.chunk_softmax_launch(z, bias, p, lse, lse, lse, 0, **scalars))
-    launches.append(tf.chunk_grad_launch(z, z, bias, lse, lse, p, p, db_part, 0, **scalars))
+    launches.append(chunk_softmax_launch(z, bias, p, lse, lse, lse, 0, **scalars))
+    launches.append(chunk_grad_launch(z, z, bias, lse, lse, p, p, db_part, 0, **scalars))
     return {launch.name: launch for launch in launches}
 
 
@@ -442,7 +445,7 @@ def kind_jobs(archs=ARCHS) -> list[Job]:
 def compile_all(jobs, workers=None) -> list[Report]:
     """Compile every job (in parallel); raises on the first failure."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("triton_aot needs TRITON_INTERPRET unset (the interpreter cannot compile)")
+        raise RuntimeError("gircse_kernels.triton.aot needs TRITON_INTERPRET unset (the interpreter cannot compile)")
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [compile_job(job) for job in jobs]
@@ -475,7 +478,7 @@ def _spill_line(label, reports):
 def markdown(reports, title: str) -> str:
     import triton
 
-    head = (f"# {title}\n\nGenerated by `python -m gircse_kernels.triton_aot{' --all' if 'all' in title else ''}` "
+    head = (f"# {title}\n\nGenerated by `python -m gircse_kernels.triton.aot{' --all' if 'all' in title else ''}` "
             f"with triton {triton.__version__} (no GPU: `triton.compile` for the target, then the bundled "
             "`ptxas -v`).\n\n"
             "Config: rows per program M, vocabulary tile V, d block D and d_e block DE (`*` = walked in "

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_DEFAULT_FP_FUSION": "1",
        "PYTHONPATH": ROOT}
 
@@ -21,10 +21,10 @@ def _run(args, timeout):
 
 
 def test_every_kind_compiles_for_sm80_and_sm90(tmp_path):
-    from gircse_kernels.triton_aot import KERNELS, kind_jobs
+    from gircse_kernels.triton.aot import KERNELS, kind_jobs
 
     out = tmp_path / "aot.json"
-    res = _run(["-m", "gircse_kernels.triton_aot", "--json", str(out), "--markdown", str(tmp_path / "aot.md")],
+    res = _run(["-m", "gircse_kernels.triton.aot", "--json", str(out), "--markdown", str(tmp_path / "aot.md")],
                timeout=1500)
     print(res.stdout)  # the registers / spills / shared-memory table (pytest -s shows it)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -51,17 +51,17 @@ GATE_SELF_TEST = textwrap.dedent('''
     import torch, triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from gircse_kernels import triton_aot as aot, triton_config as tc
+    from gircse_kernels.triton import aot, config as tc
 
     # 1. the specialization is the JIT's own (its binder on the plan's arguments), and the written-out
     #    rule used where the JIT's internals differ agrees with it on every attribute that matters
-    from gircse_kernels import triton_fused as tf
+    from gircse_kernels.triton.forward import forward_plan
     rows, vocab, d = 1, 4096, 576
     cfg = tc.choose_config(rows, vocab, d, d, torch.bfloat16, 132)
     h, w = torch.zeros(rows, d, dtype=torch.bfloat16), torch.zeros(vocab, d, dtype=torch.bfloat16)
     out, lse = torch.zeros(rows, d), torch.zeros(rows)
-    for launch in tf.forward_plan(cfg, h, w, w, None, out, lse, temperature=0.7, softcap=None, tied=True,
-                                  upcast=False):
+    for launch in forward_plan(cfg, h, w, w, None, out, lse, temperature=0.7, softcap=None, tied=True,
+                               upcast=False):
         jit_sig, jit_const, jit_attrs = aot.jit_specialization(launch)
         rule_sig, rule_const, rule_attrs = aot.rule_specialization(launch)
         index = {name: i for i, name in enumerate(launch.kernel.arg_names)}

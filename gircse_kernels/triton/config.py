@@ -1,7 +1,7 @@
 """Launch configuration of the Triton kernels: a pure function of the problem's shape.
 
 Pure Python (no Triton import), so the choice itself is unit-tested, the AOT gate can enumerate every
-configuration it can return, and ``gircse_kernels.roofline`` derives each launched kernel's bytes and
+configuration it can return, and ``roofline`` derives each launched kernel's bytes and
 FLOPs from the very objects the launchers use.
 
 Why split the vocabulary: a program owns ``block_m`` rows and walks a range of vocabulary tiles. With
@@ -11,7 +11,7 @@ vocabulary is cut into ``num_splits`` ranges processed by separate programs ("fl
 writing a partial (max, sum, accumulator) that a combine kernel merges. For large B the row blocks
 alone fill the machine and the split count falls to 1 (the "general" configuration). Above 16 rows
 at chunked widths (64 rows up to d = 1024) the op takes the vocabulary-chunked GEMM path instead
-("gemm", see ``triton_fused._gemm_forward``): there the fused kernels' per-tile fp32 slices outgrow L2.
+("gemm", see ``gemm_path``): there the fused kernels' per-tile fp32 slices outgrow L2.
 Every number here traces to ``bench/results/gpu_roofline.md`` (the model) and
 ``bench/results/triton_aot.md`` (registers / spills / shared memory), not to a GPU measurement.
 
@@ -43,7 +43,7 @@ MAX_SPLITS = 512
 # B = 1 decode step a program per SM on current GPUs.
 INVARIANT_SPLITS = 160
 # Feature dimensions up to this size are held in registers (one block); larger ones are walked in
-# chunks of CHUNK with fp32 partials kept in a program-private workspace slice (see triton_fused).
+# chunks of CHUNK with fp32 partials kept in a program-private workspace slice (see the package docstring).
 MAX_REGISTER_DIM = 128
 CHUNK = 64
 # Bound on the fp32 partials of one launch ([splits, rows, d_e] forward, [splits, rows, d] backward):
@@ -58,7 +58,7 @@ SUM_BLOCK_N = 256
 # The vocabulary-chunked GEMM path ("gemm": cuBLAS GEMMs over vocabulary chunks, Triton for the
 # softmax arithmetic in between) serves batches above this size when d or d_e is walked in chunks:
 # there the fused kernels' per-tile fp32 slices (2 * rows * d_e * 4 bytes per tile) outgrow L2 and
-# the MMA work outgrows 16-row tiles (see gircse_kernels/roofline.py and bench/results/gpu_roofline.md).
+# the MMA work outgrows 16-row tiles (see gircse_kernels/triton/roofline.py and bench/results/gpu_roofline.md).
 # Up to d = 1024 the fused kernels' tiles stay in L2 and they win on launch count below 64 rows.
 GEMM_MIN_ROWS = 17
 GEMM_MIN_ROWS_NARROW = 64

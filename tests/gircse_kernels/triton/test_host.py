@@ -44,14 +44,14 @@ def _truth_and_grads(h, w, e, b, go, case):
 
 def _backend_grads(h, w, e, b, go, case, **kw):
     """Output and every gradient from the backend's launchers directly (dh, dW, [dE], [db])."""
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     tied = e is w
     args = dict(temperature=case.temperature, softcap=case.softcap, tied=tied)
-    out, lse = triton_fused.forward(h, w, e, b, **args, **kw)
+    out, lse = host.forward(h, w, e, b, **args, **kw)
     delta = (go.float() * out).sum(-1)
-    grads = triton_fused.backward(go.to(case.dtype), h, w, e, b, lse, delta, need_hidden=True, need_weight=True,
-                                  need_embed=True, need_bias=b is not None, merge_tied_grads=tied, **args, **kw)
+    grads = host.backward(go.to(case.dtype), h, w, e, b, lse, delta, need_hidden=True, need_weight=True,
+                          need_embed=True, need_bias=b is not None, merge_tied_grads=tied, **args, **kw)
     return out, lse, [g for g in grads if g is not None]
 
 
@@ -72,10 +72,10 @@ def test_every_split_count_computes_the_op(case, num_splits):
     """Forward, lse and every gradient against the fp64 truth for split counts that do not divide the
     tiles: the split boundaries drive the partials (forward, dh) and the tile ranges of the fused
     backward (dW, dE, db rows), so a wrong boundary loses or repeats vocabulary rows."""
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     h, w, e, b = make_inputs(case, DEVICE)
-    cfg = triton_fused.config_for(h, w, e, num_splits=num_splits)
+    cfg = host.config_for(h, w, e, num_splits=num_splits)
     for kc in (cfg.forward, cfg.backward_tiles):  # the requested split count is what runs (no empty split)
         tiles = -(-case.vocab // kc.block_v)
         per = -(-tiles // min(num_splits, tiles))
@@ -127,16 +127,16 @@ def test_strided_weights_are_read_in_place(layout):
 def test_batch_invariant_rows_are_bitwise_independent_of_the_batch(case):
     """With batch_invariant=True a row gives the same bits alone, inside a batch, and at any
     position of it: output, lse and its dh (which sums per-split partials in a fixed order)."""
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     h, w, e, b = make_inputs(case, DEVICE)
     go = torch.randn(h.shape[0], case.de, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     kw = dict(temperature=case.temperature, softcap=case.softcap, tied=False, batch_invariant=True)
 
     def run(rows):
-        out, lse = triton_fused.forward(h[rows], w, e, b, **kw)
+        out, lse = host.forward(h[rows], w, e, b, **kw)
         delta = (go[rows].float() * out).sum(-1)
-        (dh, *_rest) = triton_fused.backward(go[rows].to(case.dtype), h[rows], w, e, b, lse, delta, **kw)
+        (dh, *_rest) = host.backward(go[rows].to(case.dtype), h[rows], w, e, b, lse, delta, **kw)
         return out, lse, dh
 
     full = run(slice(None))
@@ -150,7 +150,7 @@ def test_batch_invariant_rows_are_bitwise_independent_of_the_batch(case):
 
 def test_batch_invariant_row_groups_give_the_same_bits(monkeypatch):
     """Large batches are launched in fixed-size row groups (bounded partials): same bits as one launch."""
-    from gircse_kernels import triton_config, triton_fused
+    from gircse_kernels.triton import config, host
 
     case = Case(lead=(37,), vocab=900, d=40, dtype=torch.float16, bias=True)
     h, w, e, b = make_inputs(case, DEVICE)
@@ -158,17 +158,17 @@ def test_batch_invariant_row_groups_give_the_same_bits(monkeypatch):
     kw = dict(temperature=1.0, softcap=None, tied=False, batch_invariant=True)
 
     def run():
-        triton_config.choose_config.cache_clear()
-        cfg = triton_fused.config_for(h, w, e, batch_invariant=True)
-        out, lse = triton_fused.forward(h, w, e, b, **kw)
-        grads = triton_fused.backward(go.to(case.dtype), h, w, e, b, lse, (go.float() * out).sum(-1),
-                                      need_weight=True, need_bias=True, **kw)
+        config.choose_config.cache_clear()
+        cfg = host.config_for(h, w, e, batch_invariant=True)
+        out, lse = host.forward(h, w, e, b, **kw)
+        grads = host.backward(go.to(case.dtype), h, w, e, b, lse, (go.float() * out).sum(-1),
+                              need_weight=True, need_bias=True, **kw)
         return cfg.row_group, (out, lse, *grads[:2], grads[3])
 
     one_group, whole = run()
-    monkeypatch.setattr(triton_config, "WORKSPACE_BUDGET_BYTES", 1)  # forces the smallest group: block_m rows
+    monkeypatch.setattr(config, "WORKSPACE_BUDGET_BYTES", 1)  # forces the smallest group: block_m rows
     small_group, grouped = run()
-    triton_config.choose_config.cache_clear()
+    config.choose_config.cache_clear()
     assert one_group == 37 and small_group == 16
     for a, c in zip(grouped, whole):
         assert torch.equal(a, c)
@@ -176,7 +176,7 @@ def test_batch_invariant_row_groups_give_the_same_bits(monkeypatch):
 
 def test_launches_happen_under_the_tensors_device(monkeypatch):
     """The launchers enter ``torch.cuda.device(<the tensors' device>)``, not the current device."""
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     entered = []
 
@@ -194,10 +194,10 @@ def test_launches_happen_under_the_tensors_device(monkeypatch):
         device = torch.device("cuda", 3)
 
     monkeypatch.setattr(torch.cuda, "device", Guard)
-    with triton_fused._device_guard(FakeCudaTensor()):
+    with host._device_guard(FakeCudaTensor()):
         pass
     assert entered == [torch.device("cuda", 3)]
-    with triton_fused._device_guard(torch.zeros(1)):  # CPU tensors (the interpreter): no CUDA call
+    with host._device_guard(torch.zeros(1)):  # CPU tensors (the interpreter): no CUDA call
         pass
     assert entered == [torch.device("cuda", 3)]
 
@@ -269,20 +269,20 @@ GEMM_CASES = [  # B >= 64 up to d = 1024, B >= 17 above
 @pytest.mark.parametrize("case", GEMM_CASES, ids=str)
 def test_gemm_path_matches_reference(case):
     """B > 16 at chunked widths takes the vocabulary-chunked GEMM path: same oracle, fwd and every grad."""
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     h, w, e, _ = make_inputs(case, DEVICE)
-    assert triton_fused.config_for(h.reshape(-1, case.d), w, e).kind == "gemm"
+    assert host.config_for(h.reshape(-1, case.d), w, e).kind == "gemm"
     check_forward(op, case, device=DEVICE)
     check_backward(op, case, device=DEVICE)
 
 
 def test_gemm_path_fully_masked_rows_are_nan():
-    from gircse_kernels import triton_fused
+    from gircse_kernels.triton import host
 
     case = Case(lead=(64,), vocab=500, d=200, mask="all")
     h, w, e, b = make_inputs(case, DEVICE, requires_grad=True)
-    assert triton_fused.config_for(h.detach(), w, e).kind == "gemm"
+    assert host.config_for(h.detach(), w, e).kind == "gemm"
     out = op(h, w, e, b)
     assert torch.isnan(out).all()
     grads = torch.autograd.grad(out, (h, w, e, b), torch.randn_like(out))
