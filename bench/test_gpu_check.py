@@ -203,9 +203,11 @@ def test_precompile_plans_a_sweep_alternative_under_its_tiles():
     assert triton_config.BLOCKS == before
 
 
-def test_precompile_compiles_a_sweep_alternative_for_the_gpu():
+def test_precompile_compiles_a_sweep_alternative_for_the_gpu(monkeypatch):
     """The precompile workers (spawned processes) receive a sweep alternative and compile its kernels for
-    sm_90 ahead of time (no GPU needed to compile)."""
+    sm_90 ahead of time (no GPU needed to compile). The workers inherit the environment, and
+    ``tests/conftest.py`` turns the interpreter on for a session that also collects ``tests/``."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     vocab, d, de, tied = gpu_check.MODELS["SmolLM2-135M"]
     cell = next(c for c in gpu_check.sweep_cells({"SmolLM2-135M": (vocab, d, de, tied)}, 132)
                 if c["setting"] == "blocks" and c["rows"] == 32 and c["pass_name"] == "forward")
