@@ -216,28 +216,55 @@ def _decode_step_mask(decoder: nn.Module, full_mask: torch.Tensor) -> torch.Tens
     layers need their window applied, and flash-attention kernels ignore 4-D masks: there the 2-D
     mask goes through transformers as usual.
     """
+    if not _takes_prebuilt_masks(decoder):
+        return full_mask
+    return _as_attention_mask(decoder, full_mask.bool()[:, None, None, :])
+
+
+def _prefill_mask(decoder: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The prefill's 4-D mask ``[B, 1, L, L]``: causal, and no query attends to a padded key; built
+    without reading the mask on the host (``capturable`` generation). 2-D where ``_decode_step_mask``
+    keeps it too. A padded query sees itself, so its row is never fully masked (softmax of nothing
+    is NaN, and a NaN key/value in the cache would poison real rows through 0 * NaN); its output is
+    discarded and no real query attends to it."""
+    if not _takes_prebuilt_masks(decoder):
+        return attention_mask
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    itself = torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+    allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself[None, None])
+    return _as_attention_mask(decoder, allowed)
+
+
+def _takes_prebuilt_masks(decoder: nn.Module) -> bool:
+    """SDPA / eager attention without sliding-window layers: a 4-D mask passes through transformers
+    unchanged. Sliding windows need transformers to apply them, and flash-attention kernels ignore
+    4-D masks."""
     config = decoder.config
-    implementation = getattr(config, "_attn_implementation", "sdpa")
     sliding = getattr(config, "sliding_window", None) is not None or any(
         "sliding" in str(t) for t in (getattr(config, "layer_types", None) or ()))
-    if sliding or implementation not in ("sdpa", "eager"):
-        return full_mask
-    keys_real = full_mask.bool()[:, None, None, :]
-    if implementation == "sdpa":
-        return keys_real
+    return not sliding and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
+def _as_attention_mask(decoder: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean "may attend" mask as the attention implementation takes it: boolean for SDPA,
+    additive (0 / dtype min) for eager attention, as ``baselines.bidirectional_attention_mask`` builds them."""
+    if getattr(decoder.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
     dtype = decoder.get_input_embeddings().weight.dtype
-    return torch.zeros(keys_real.shape, dtype=dtype, device=full_mask.device).masked_fill(
-        ~keys_real, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
-def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> None:
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, *, check_padding: bool = True) -> None:
     check_k(k)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must both be [B, L]; got {tuple(input_ids.shape)} "
                          f"and {tuple(attention_mask.shape)}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids has no tokens")
-    check_left_padded(attention_mask)
+    if check_padding:
+        check_left_padded(attention_mask)
 
 
 def generate_soft_tokens(
@@ -248,6 +275,7 @@ def generate_soft_tokens(
     k: int,
     *,
     return_prefill_state: bool = False,
+    capturable: bool = False,
 ):
     """Algorithm 1 with a KV cache: hidden states of the k generated positions, ``[B, k, d]``.
 
@@ -259,6 +287,12 @@ def generate_soft_tokens(
         k: number of soft tokens to generate (>= 1).
         return_prefill_state: also return the input's last-token state ``[B, d]`` (the state whose
             distribution gives d_1); ``explain`` uses it.
+        capturable: read nothing back to the host, so the whole call can be captured in a CUDA graph
+            (``torch.cuda.graph``) or traced: the left-padding check (which reads the mask) is skipped --
+            the caller checks once with :func:`check_left_padded` -- and the prefill gets a prebuilt 4-D
+            mask like the steps (transformers would read the padding mask to decide whether SDPA may run
+            with ``is_causal``). Values equal the default path's to round-off (SDPA with an explicit
+            causal mask instead of ``is_causal``).
 
     The prefill runs once over the input; then each of the k steps feeds one soft token d_j as
     ``inputs_embeds`` ([B, 1, d]) with the cache, the grown mask and explicit positions, and keeps
@@ -268,12 +302,13 @@ def generate_soft_tokens(
     backprops through every step at the cost of one pass over the input. Works with gradient
     checkpointing (``model.gradient_checkpointing_enable()``): the per-call caches replay exactly.
     """
-    _check_inputs(input_ids, attention_mask, k)
+    _check_inputs(input_ids, attention_mask, k, check_padding=not capturable)
     decoder = decoder_of(model)
     if soft_token_embedding is None:
         soft_token_embedding = soft_token_embedding_of(model)
     position_ids = left_padded_position_ids(attention_mask)
     length = input_ids.shape[1]
+    prefill_mask = _prefill_mask(decoder, attention_mask) if capturable else attention_mask
     # Every step's mask and position, built once: step j sees the input and d_1..d_j at real-token
     # positions last+1..last+j.
     step_mask = _decode_step_mask(
@@ -283,7 +318,7 @@ def generate_soft_tokens(
     with _cache_through_checkpointed_layers(decoder):
         with record_function("gircse.prefill"):
             cache = _kv_cache_for_next_call(decoder, None, length + k)
-            hidden = _decoder_call(decoder, cache, input_ids=input_ids, attention_mask=attention_mask,
+            hidden = _decoder_call(decoder, cache, input_ids=input_ids, attention_mask=prefill_mask,
                                    position_ids=position_ids)
         # Left padding: column -1 is every row's last real token.
         state = prefill_state = hidden[:, -1]

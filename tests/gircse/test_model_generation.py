@@ -271,3 +271,31 @@ def test_cached_generation_with_eager_attention_matches_uncached(make_tiny):
         cached = generate_soft_tokens(gircse.model, None, **batch, k=4)
         uncached = generate_soft_tokens_uncached(gircse.model, None, **batch, k=4)
     torch.testing.assert_close(cached, uncached, atol=6e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("qwen2", "sdpa"), ("qwen2", "eager"),
+                                              ("mistral", "sdpa")])
+def test_capturable_generation_reads_nothing_back_and_matches(family, attention, make_tiny, monkeypatch):
+    """``capturable=True`` (CUDA-graph capture of the whole generation): no left-padding check and no
+    transformers mask construction reading the padding mask back to the host, for the prefill and every
+    step; the same states as the default path to fp32 round-off, padded rows included. Sliding-window
+    models (the tiny Mistral) keep transformers' own masks, which do read the mask."""
+    import gircse.generation as generation
+    import transformers.masking_utils as masking_utils
+
+    gircse = make_tiny(family)
+    gircse.model.config._attn_implementation = attention
+    batch = gircse.tokenize(TEXTS, "Retrieve the passage")
+    assert batch["attention_mask"][:, 0].min() == 0, "the batch must contain left padding"
+    with torch.no_grad():
+        default = generate_soft_tokens(gircse.model, None, **batch, k=4)
+        reads = []
+        original = masking_utils.fast_all
+        monkeypatch.setattr(masking_utils, "fast_all", lambda t: reads.append(1) or original(t))
+        monkeypatch.setattr(generation, "check_left_padded", lambda mask: reads.append("padding check"))
+        capturable, prefill = generate_soft_tokens(gircse.model, None, **batch, k=4, capturable=True,
+                                                   return_prefill_state=True)
+    assert (len(reads) > 0) is (family == "mistral"), reads
+    assert "padding check" not in reads
+    assert torch.isfinite(capturable).all() and torch.isfinite(prefill).all()
+    torch.testing.assert_close(capturable, default, atol=2e-5, rtol=1e-5)
