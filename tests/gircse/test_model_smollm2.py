@@ -57,8 +57,8 @@ def test_real_model_explain_matches_the_op_reference(smollm2):
 
 def test_real_model_bf16_guarantees(smollm2):
     """bf16 encode is not batch invariant (fp32 is: test above): the K soft-token steps feed rounding
-    differences back, so a text alone and in a batch differ (raw SmolLM2, K = 3: cosine 0.978 measured
-    for "Short."; K = 20: 0.876; the default adapter stays >= 0.974 at K = 3, 5, 10, 20). Guaranteed and tested:
+    differences back, so a text alone and in a batch differ (raw SmolLM2, K = 3: worst cosine 0.978 on an
+    AMD EPYC, 0.946 on an AMX Xeon; K = 20: 0.876; the default adapter stays >= 0.974 at K = 3, 5, 10, 20). Guaranteed and tested:
     a repeated call is bit-identical, and with batch_size=1 a text's embedding does not depend on the
     other texts at all."""
     import copy
@@ -74,4 +74,7 @@ def test_real_model_bf16_guarantees(smollm2):
     for i, text in enumerate(texts):
         alone = model.encode([text], "Retrieve a passage")[0]
         np.testing.assert_array_equal(one_by_one[i], alone)
-        assert float(alone @ together[i]) >= 0.95  # bounded, not equal (0.978 measured at worst)
+        # Bounded, not equal. The worst text's cosine depends on the CPU's bf16 kernels: 0.978 on an AMD EPYC
+        # (AVX512-BF16), 0.946 on an Intel Xeon with AMX (the same with the op's torch backend: the feedback
+        # through 30 bf16 layers, not the op). 0.9 leaves room for other kinds while a broken path fails.
+        assert float(alone @ together[i]) >= 0.9
