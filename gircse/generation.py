@@ -16,7 +16,7 @@ is that naive loop, kept as the test oracle).
 Batches are left padded so the last column is every row's last real token; ``position_ids`` count
 real tokens only, so a padded row sees the same positions (rotary phases) as the row alone.
 
-Two KV caches, one per mode (``_kv_cache_for_next_call``):
+Two KV caches, one per mode (``_prefill`` builds it, ``_step_cache`` extends it):
 
 * With autograd recording (training), the cache is rebuilt per decoder call from the previous call's
   keys/values (``_ReplaySafeLayer``): each call appends to a *fixed* past (``torch.cat``) instead of
@@ -56,6 +56,7 @@ __all__ = [
     "generate_soft_tokens_uncached",
     "left_padded_position_ids",
     "pool_steps",
+    "prefill_chunks",
     "soft_token_embedding_of",
 ]
 
@@ -116,40 +117,98 @@ class _ReplaySafeLayer(DynamicLayer):
 
 
 class _StaticLayer(DynamicLayer):
-    """One layer's KV cache for a whole generation without autograd: a buffer of ``capacity``
-    positions, filled in place; ``update`` returns views of the filled prefix (no copy of the past)."""
+    """One layer's KV cache for a whole generation without autograd: zero-filled buffers
+    ``[batch, heads, capacity, head_dim]``, written in place.
 
-    def __init__(self, capacity: int):
+    Each decoder call works in a window that the generation sets with :func:`_place`: its new
+    positions are written to rows ``rows`` at column ``end``, and attention gets views of columns
+    ``begin`` to ``end + new`` (no copy of the past). A prefill in row chunks writes every chunk
+    right-aligned at the same columns (left padding), so the K steps then run on all rows at once;
+    columns a short chunk never wrote stay zero and masked (zero, not garbage: a masked key still
+    meets its value in ``probabilities @ values``, where 0 * NaN would be NaN).
+    """
+
+    def __init__(self, batch: int, capacity: int):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.batch, self.capacity = batch, capacity
+        self.rows, self.begin, self.end = slice(None), 0, 0
         self.key_buffer = self.value_buffer = None
+
+    def get_seq_length(self) -> int:  # the window's past: what transformers sizes a 2-D mask by
+        return self.end - self.begin
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.key_buffer is None:
-            batch, heads, _, _ = key_states.shape
-            self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
-            self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+            _, heads, _, dim = key_states.shape
+            self.key_buffer = key_states.new_zeros(self.batch, heads, self.capacity, dim)
+            self.value_buffer = value_states.new_zeros(self.batch, heads, self.capacity, value_states.shape[-1])
             self.device, self.is_initialized = key_states.device, True
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"static KV cache overflow: {end} positions, capacity {self.capacity}")
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        stop = self.end + key_states.shape[-2]
+        if stop > self.capacity:
+            raise RuntimeError(f"static KV cache overflow: {stop} positions, capacity {self.capacity}")
+        self.key_buffer[self.rows, :, self.end:stop] = key_states
+        self.value_buffer[self.rows, :, self.end:stop] = value_states
+        self.keys = self.key_buffer[self.rows, :, self.begin:stop]
+        self.values = self.value_buffer[self.rows, :, self.begin:stop]
         return self.keys, self.values
 
 
-def _kv_cache_for_next_call(decoder: nn.Module, previous: Cache | None, capacity: int) -> Cache:
-    """The cache the next decoder call runs with (see the module docstring): the same static cache
-    for every call when autograd is off, else a fresh replay-safe cache over ``previous``'s keys/values."""
-    n_layers = decoder.config.num_hidden_layers
-    if not torch.is_grad_enabled():
-        if previous is None:
-            previous = Cache(layers=[_StaticLayer(capacity) for _ in range(n_layers)])
-        return previous
-    return Cache(layers=[_ReplaySafeLayer(None if previous is None else (layer.keys, layer.values))
-                         for layer in (previous.layers if previous is not None else [None] * n_layers)])
+def _place(cache: Cache, rows: slice, begin: int, end: int) -> Cache:
+    """Set the window of every static layer for the next decoder call (see ``_StaticLayer``)."""
+    for layer in cache.layers:
+        layer.rows, layer.begin, layer.end = rows, begin, end
+    return cache
+
+
+def prefill_chunks(attention_mask: torch.Tensor, prefill_rows: int | None) -> list[tuple[slice, int]]:
+    """``(rows, first column)`` of each prefill: the whole batch, or chunks of ``prefill_rows`` rows
+    each cut to its own longest row (left padding: the columns before ``first`` are padding in every
+    row of the chunk). Reads the row lengths back to the host once."""
+    batch, length = attention_mask.shape
+    if prefill_rows is None or prefill_rows >= batch:
+        return [(slice(None), 0)]
+    real = attention_mask.sum(dim=1).tolist()
+    return [(slice(r0, min(batch, r0 + prefill_rows)), length - int(max(real[r0:r0 + prefill_rows])))
+            for r0 in range(0, batch, prefill_rows)]
+
+
+def _prefill(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             chunks: list[tuple[slice, int]], capacity: int, capturable: bool) -> tuple[Cache, torch.Tensor]:
+    """Run the input through the backbone chunk by chunk; ``(cache, last-token states [B, d])``.
+
+    Without autograd the chunks fill one static cache. With autograd each chunk gets its own
+    replay-safe cache, and the chunks' keys/values are then left-padded to the batch's length and
+    stacked into the past of the first step (one copy of the input's keys/values, kept by the graph).
+    """
+    n_layers, (batch, length) = decoder.config.num_hidden_layers, input_ids.shape
+    static = not torch.is_grad_enabled()
+    cache = Cache(layers=[_StaticLayer(batch, capacity) for _ in range(n_layers)]) if static else None
+    states, pasts = [], []
+    for rows, first in chunks:
+        call_cache = _place(cache, rows, first, first) if static else Cache(
+            layers=[_ReplaySafeLayer() for _ in range(n_layers)])
+        mask = attention_mask[rows, first:]
+        hidden = _decoder_call(decoder, call_cache, input_ids=input_ids[rows, first:],
+                               attention_mask=_prefill_mask(decoder, mask) if capturable else mask,
+                               position_ids=position_ids[rows, first:])
+        states.append(hidden[:, -1])  # left padding: column -1 is every row's last real token
+        if not static:
+            pasts.append([(layer.keys, layer.values) for layer in call_cache.layers])
+    if not static:
+        if len(pasts) > 1:
+            pad = lambda t: torch.nn.functional.pad(t, (0, 0, length - t.shape[-2], 0))
+            pasts = [[(torch.cat([pad(p[i][0]) for p in pasts]), torch.cat([pad(p[i][1]) for p in pasts]))
+                      for i in range(n_layers)]]
+        cache = Cache(layers=[_ReplaySafeLayer(past) for past in pasts[0]])
+    return cache, states[0] if len(states) == 1 else torch.cat(states)
+
+
+def _step_cache(cache: Cache, past_length: int) -> Cache:
+    """The cache of the next one-position step: the static cache's window over all rows, or a fresh
+    replay-safe cache over the previous call's keys/values."""
+    if isinstance(cache.layers[0], _StaticLayer):
+        return _place(cache, slice(None), 0, past_length)
+    return Cache(layers=[_ReplaySafeLayer((layer.keys, layer.values)) for layer in cache.layers])
 
 
 def _decoder_call(decoder: nn.Module, cache: Cache, **inputs) -> torch.Tensor:
@@ -276,6 +335,7 @@ def generate_soft_tokens(
     *,
     return_prefill_state: bool = False,
     capturable: bool = False,
+    prefill_rows: int | None = None,
 ):
     """Algorithm 1 with a KV cache: hidden states of the k generated positions, ``[B, k, d]``.
 
@@ -293,6 +353,10 @@ def generate_soft_tokens(
             mask like the steps (transformers would read the padding mask to decide whether SDPA may run
             with ``is_causal``). Values equal the default path's to round-off (SDPA with an explicit
             causal mask instead of ``is_causal``).
+        prefill_rows: prefill in chunks of this many rows, each cut to its own longest row, then run
+            the k steps on all rows at once (None: one prefill). With rows sorted by length this keeps
+            the prefill free of most padding while the steps, whose cost is reading every weight once,
+            run on a batch large enough to amortize that read. Values equal one prefill's to round-off.
 
     The prefill runs once over the input; then each of the k steps feeds one soft token d_j as
     ``inputs_embeds`` ([B, 1, d]) with the cache, the grown mask and explicit positions, and keeps
@@ -308,26 +372,27 @@ def generate_soft_tokens(
         soft_token_embedding = soft_token_embedding_of(model)
     position_ids = left_padded_position_ids(attention_mask)
     length = input_ids.shape[1]
-    prefill_mask = _prefill_mask(decoder, attention_mask) if capturable else attention_mask
+    prefill_rows = None if prefill_rows is None else as_int("prefill_rows", prefill_rows, minimum=1)
+    if capturable and prefill_rows is not None and prefill_rows < input_ids.shape[0]:
+        raise ValueError("prefill_rows cuts the prefill by the rows' lengths, read on the host; "
+                         "not with capturable=True")
     # Every step's mask and position, built once: step j sees the input and d_1..d_j at real-token
     # positions last+1..last+j.
     step_mask = _decode_step_mask(
         decoder, torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], k)], dim=1))
     step_positions = position_ids[:, -1:] + torch.arange(1, k + 1, device=position_ids.device)
+    chunks = prefill_chunks(attention_mask, None if capturable else prefill_rows)
     # The profiler ranges name the prefill and each step in any trace (bench/test_bench_model.py reads them).
     with _cache_through_checkpointed_layers(decoder):
         with record_function("gircse.prefill"):
-            cache = _kv_cache_for_next_call(decoder, None, length + k)
-            hidden = _decoder_call(decoder, cache, input_ids=input_ids, attention_mask=prefill_mask,
-                                   position_ids=position_ids)
-        # Left padding: column -1 is every row's last real token.
-        state = prefill_state = hidden[:, -1]
-        embed_dtype = hidden.dtype
+            cache, prefill_state = _prefill(decoder, input_ids, attention_mask, position_ids, chunks,
+                                            length + k, capturable)
+        state, embed_dtype = prefill_state, prefill_state.dtype
         generated = []
         for j in range(k):
             with record_function("gircse.decode_step"):
                 soft_token = soft_token_embedding(state)  # d_j = s_j @ E, [B, d_e]
-                cache = _kv_cache_for_next_call(decoder, cache, length + k)
+                cache = _step_cache(cache, length + j)
                 hidden = _decoder_call(decoder, cache, inputs_embeds=soft_token.unsqueeze(1).to(embed_dtype),
                                        attention_mask=step_mask[..., :length + j + 1],
                                        position_ids=step_positions[:, j:j + 1])
@@ -345,11 +410,14 @@ def generate_soft_tokens_uncached(
     k: int,
     *,
     return_prefill_state: bool = False,
+    prefill_rows: int | None = None,
 ):
     """Algorithm 1 exactly as written, no cache: the oracle for ``generate_soft_tokens``.
 
     Step j runs the LLM over the whole sequence [x; d_1..d_j] to get d_{j+1}; a final forward over
     [x; d_1..d_k] then reads the states at the k generated positions. K+1 full forwards.
+    ``prefill_rows`` is accepted so the oracle can stand in for ``generate_soft_tokens`` anywhere; it
+    runs every row at once (the chunks only change GEMM shapes, not values beyond round-off).
     """
     _check_inputs(input_ids, attention_mask, k)
     decoder = decoder_of(model)

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import loading
 from .baselines import bidirectional_mean, causal_eos_state
-from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_steps,
+from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_steps, prefill_chunks,
                          soft_token_embedding_of)
 from .methods import METHODS, POOLING, check_method
 from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, check_query_format, left_pad,
@@ -21,6 +21,9 @@ from .validation import as_int, as_path
 __all__ = ["GIRCSE", "METHODS", "load_default"]
 
 CONFIG_VERSION = loading.CONFIG_VERSION
+# encode's automatic decode group (see GIRCSE.encode): rows of the K soft-token steps, and the KV cache
+# those rows may hold.
+_DECODE_ROWS, _DECODE_KV_BUDGET = 128, 256 << 20
 
 
 class GIRCSE(nn.Module):
@@ -211,6 +214,25 @@ class GIRCSE(nn.Module):
         limit = getattr(getattr(base_causal_lm(self.model), "config", None), "max_position_embeddings", None)
         return limit if isinstance(limit, int) and limit > 0 else None
 
+    def _decode_group_rows(self, batch_size: int, decode_batch_size, longest: int, k: int) -> int:
+        """Rows ``encode`` hands one ``forward`` (see ``encode``): prefills of ``batch_size`` rows,
+        then the K steps on all of them. Baselines have no steps: ``batch_size``."""
+        if decode_batch_size is not None:
+            decode_batch_size = as_int("decode_batch_size", decode_batch_size, minimum=1)
+        if self.method != "gircse":
+            return batch_size
+        if decode_batch_size is not None:
+            return max(batch_size, decode_batch_size)
+        if batch_size == 1:
+            return 1
+        config = base_causal_lm(self.model).config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype_bytes = next(self.model.parameters()).element_size()
+        kv_per_row = 2 * config.num_hidden_layers * heads * head_dim * dtype_bytes * (longest + k)
+        fits = _DECODE_KV_BUDGET // max(1, kv_per_row)
+        return max(batch_size, min(_DECODE_ROWS, fits) // batch_size * batch_size)
+
     def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
@@ -219,12 +241,15 @@ class GIRCSE(nn.Module):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int | None = None,
-                return_all_steps: bool = False) -> torch.Tensor:
+                return_all_steps: bool = False, prefill_rows: int | None = None) -> torch.Tensor:
         """Unnormalized embeddings of a left-padded batch; differentiable when grad is enabled.
 
         GIRCSE: ``[B, d]`` = z_k, or ``[B, k, d]`` = z_1..z_k with ``return_all_steps``.
         Baselines: ``[B, d]``, or ``[B, 1, d]`` with ``return_all_steps`` (they have one step).
         Right-padded input (the tokenizers' default) is moved to left padding first.
+        ``prefill_rows``: run the input in chunks of this many rows, each cut to its longest row (rows
+        sorted by length make the chunks tight); GIRCSE then runs the K steps on the whole batch at once
+        (``gircse.generation.generate_soft_tokens``).
         """
         input_ids, attention_mask = to_left_padding(input_ids, attention_mask)
         k = self.k if k is None else self._check_k(k)
@@ -236,19 +261,19 @@ class GIRCSE(nn.Module):
                              "max_length" + (" or k" if self.method == "gircse" else ""))
         if self.method == "gircse":
             generated = generate_soft_tokens(self.model, soft_token_embedding_of(self.model),
-                                             input_ids, attention_mask, k)
+                                             input_ids, attention_mask, k, prefill_rows=prefill_rows)
             return pool_steps(generated, return_all_steps=return_all_steps)
-        if self.method in ("causal-eos", "two-stage"):  # two-stage: the expansion is already in input_ids
-            pooled = causal_eos_state(self.model, input_ids, attention_mask)
-        else:
-            pooled = bidirectional_mean(self.model, input_ids, attention_mask)
+        # two-stage: the expansion is already in input_ids
+        pool = causal_eos_state if self.method in ("causal-eos", "two-stage") else bidirectional_mean
+        pooled = torch.cat([pool(self.model, input_ids[rows, first:], attention_mask[rows, first:])
+                            for rows, first in prefill_chunks(attention_mask, prefill_rows)])
         return pooled.unsqueeze(1) if return_all_steps else pooled
 
     # ------------------------------------------------------------------ inference
     def encode(self, texts, instruction: str | list[str | None] | None = None, *, k: int | None = None, batch_size: int = 32,
                normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                show_progress_bar: bool | None = None, return_all_steps: bool = False,
-               prompt: str | None = None, convert_to_tensor: bool = False):
+               prompt: str | None = None, convert_to_tensor: bool = False, decode_batch_size: int | None = None):
         """Embed texts: ``[n, d]`` (``[n, k, d]`` with ``return_all_steps``; a single str gives ``[d]``).
 
         Queries take ``instruction`` in the format ``"Instruct: {instruction}\\nQuery: {text}"``; no
@@ -258,6 +283,12 @@ class GIRCSE(nn.Module):
         sentence-transformers-style callers: ``prompt`` is a literal prefix put before every text (instead
         of ``instruction``), ``convert_to_tensor=True`` returns a torch tensor. Unlike
         sentence-transformers, ``normalize_embeddings`` defaults to True.
+
+        ``batch_size`` texts share a prefill; GIRCSE's K soft-token steps run on ``decode_batch_size`` texts
+        at once (several prefills' rows). A step multiplies one position per text by every weight, so at
+        32 rows it is bound by reading the weights, not by its FLOPs; more rows amortize that read.
+        ``None``: up to 128 rows (at least ``batch_size``) whose KV cache fits 256 MiB, and 1 when
+        ``batch_size`` is 1 (so that a text encoded with ``batch_size=1`` never depends on the others).
 
         Batch invariance, per dtype: in fp32 a text embeds the same alone or in any batch, to round-off
         (~1e-5). In bf16/fp16 it does not: other batch shapes round differently at every layer and the K
@@ -287,19 +318,21 @@ class GIRCSE(nn.Module):
             order = sorted(range(len(texts)), key=lambda i: -len(sequences[i]))
             if show_progress_bar is None:
                 show_progress_bar = len(texts) > 256
-            starts = range(0, len(order), batch_size)
+            group = self._decode_group_rows(batch_size, decode_batch_size, len(sequences[order[0]]), k)
+            starts = range(0, len(order), group)
             if show_progress_bar:
                 from tqdm.auto import tqdm
 
-                starts = tqdm(starts, total=math.ceil(len(order) / batch_size), desc="encode", unit="batch")
+                starts = tqdm(starts, total=math.ceil(len(order) / group), desc="encode", unit="batch")
             was_training = self.training
             self.eval()
             try:
                 with torch.inference_mode():
                     for start in starts:
-                        index = order[start:start + batch_size]
+                        index = order[start:start + group]
                         batch = self._pad([sequences[i] for i in index])
-                        emb = self.forward(**batch, k=k, return_all_steps=return_all_steps).float()
+                        emb = self.forward(**batch, k=k, return_all_steps=return_all_steps,
+                                           prefill_rows=batch_size).float()
                         if normalize_embeddings:
                             emb = torch.nn.functional.normalize(emb, dim=-1)
                         out[torch.tensor(index)] = emb.cpu()

@@ -129,11 +129,20 @@ def frozen_linear_weights_in_bf16(model, enabled: bool = True):
 
 
 # ---------------------------------------------------------------------- one contrastive batch
+# Texts per prefill. A micro-batch's texts are embedded by one forward (``_groups``): its prefills run
+# this many texts at a time, each cut to its longest text, and GIRCSE's K soft-token steps then run on
+# all of them at once: a step's cost is reading every weight (and, in backward, reading them again),
+# so one step over 48 rows costs about what one over 16 does.
+PREFILL_ROWS = 16
+
+
 def embed_texts(model, texts: list[str], instructions: list[str | None], config: TrainConfig) -> torch.Tensor:
-    """``[n, S, d]`` embeddings (S = K for gircse: z_1..z_K; 1 for the baselines), graph kept if enabled."""
+    """``[n, S, d]`` embeddings (S = K for gircse: z_1..z_K; 1 for the baselines), graph kept if enabled.
+    Prefills of ``PREFILL_ROWS`` texts; pass the texts sorted by length to keep them tight."""
     batch = model.tokenize(texts, instructions)
     with _autocast(config, batch["input_ids"].device):
-        return model(**batch, k=config.k if config.method == "gircse" else None, return_all_steps=True)
+        return model(**batch, k=config.k if config.method == "gircse" else None, return_all_steps=True,
+                     prefill_rows=PREFILL_ROWS)
 
 
 def _batch_texts(rows: list[dict], config: TrainConfig) -> tuple[list[str], list[str | None], int]:
@@ -160,15 +169,13 @@ def _loss_from_embeddings(emb: torch.Tensor, n_rows: int, config: TrainConfig):
     return icr_loss(q, p, neg, temperature=config.temperature, lam=lam, step_reduction=config.step_reduction)
 
 
-def _groups(texts: list[str], n_rows: int, chunk: int | None, default: int = 16) -> list[list[int]]:
-    """Index groups embedded by one forward each: queries and documents apart, each sorted by length
-    (left padding to the longest text of a group wastes little), ``chunk`` texts per group."""
-    size = chunk or default
-    groups = []
-    for indices in (range(n_rows), range(n_rows, len(texts))):
-        ordered = sorted(indices, key=lambda i: len(texts[i]))
-        groups += [ordered[s:s + size] for s in range(0, len(ordered), size)]
-    return groups
+def _groups(texts: list[str], chunk: int | None) -> list[list[int]]:
+    """Index groups embedded by one forward each: every text of the micro-batch (direct), or ``chunk``
+    texts per group (GradCache, bounded memory); longest first, so that each group's prefills, of
+    ``PREFILL_ROWS`` texts each (``embed_texts``), are cut to texts of similar length."""
+    ordered = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    size = chunk or len(texts)
+    return [ordered[s:s + size] for s in range(0, len(ordered), size)]
 
 
 def _embed_groups(model, texts, instructions, groups, config, out=None):
@@ -185,11 +192,11 @@ def batch_gradients(model, rows: list[dict], config: TrainConfig, *, scale: floa
     """Accumulate ``scale * d loss / d params`` of one contrastive micro-batch (this rank's ``rows``)
     into ``.grad``; returns ``(loss, per_step)`` detached. Direct or GradCache per ``config.embed_chunk``.
 
-    Texts are embedded in groups (queries and documents apart, sorted by length; ``embed_chunk`` texts
-    per group under GradCache, 16 otherwise) to keep padding low; the result is in row order.
+    Texts are embedded longest first by one forward (``embed_chunk`` texts per forward under GradCache),
+    whose prefills run ``PREFILL_ROWS`` texts at a time; the result is in row order.
     """
     texts, instructions, n_rows = _batch_texts(rows, config)
-    groups = _groups(texts, n_rows, config.embed_chunk)
+    groups = _groups(texts, config.embed_chunk)
     if config.embed_chunk is None:
         emb = _embed_groups(model, texts, instructions, groups, config)
         loss, per_step = _loss_from_embeddings(emb, n_rows, config)

@@ -201,45 +201,95 @@ def test_cached_generation_with_sliding_window_layers(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_static_cache_without_autograd_matches_the_training_cache_bitwise(family, make_tiny):
+@pytest.mark.parametrize("prefill_rows", [None, 2])
+def test_static_cache_without_autograd_matches_the_training_cache_bitwise(family, prefill_rows, make_tiny):
     """encode (no autograd) fills one preallocated buffer per layer in place; training rebuilds a
     replay-safe cache per call with torch.cat. Same keys and values reach attention: same bits
-    (GradCache relies on it: its no-grad embeddings must be those the graph pass recomputes)."""
+    (GradCache relies on it: its no-grad embeddings must be those the graph pass recomputes), with one
+    prefill and with chunked prefills (the training side stacks the chunks' left-padded keys)."""
     import gircse.generation as generation
 
     gircse = make_tiny(family)
     batch = gircse.tokenize(TEXTS, "Retrieve the passage")
     layers = []
-    original = generation._kv_cache_for_next_call
+    original = generation._step_cache
 
-    def spy(*args):
-        cache = original(*args)
+    def spy(cache, past_length):
         layers.append(type(cache.layers[0]))
-        return cache
+        return original(cache, past_length)
 
-    generation._kv_cache_for_next_call = spy
+    generation._step_cache = spy
     try:
         with torch.no_grad():
-            static = generate_soft_tokens(gircse.model, None, **batch, k=4)
+            static = generate_soft_tokens(gircse.model, None, **batch, k=4, prefill_rows=prefill_rows)
         assert set(layers) == {generation._StaticLayer}
         layers.clear()
         with torch.enable_grad():
-            replay_safe = generate_soft_tokens(gircse.model, None, **batch, k=4)
+            replay_safe = generate_soft_tokens(gircse.model, None, **batch, k=4, prefill_rows=prefill_rows)
         assert set(layers) == {generation._ReplaySafeLayer} and replay_safe.requires_grad
     finally:
-        generation._kv_cache_for_next_call = original
+        generation._step_cache = original
     assert torch.equal(static, replay_safe.detach())
 
 
-def test_static_cache_rejects_overflow():
-    from gircse.generation import _StaticLayer
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("qwen2", "eager"), ("mistral", "sdpa")])
+def test_chunked_prefill_matches_one_prefill(family, attention, make_tiny):
+    """``prefill_rows``: the prefill runs in row chunks cut to each chunk's own longest row, the steps on
+    all rows at once. In float64 (soft tokens from the materialized formula; the op computes in fp32 /
+    bf16) the states and the gradients through the stacked keys/values equal one prefill's to 1e-10:
+    the chunks change no arithmetic, only GEMM shapes. With the op in fp32 they agree to round-off
+    (the tiny random models amplify it, up to ~1e-4 through 4 steps)."""
+    gircse = make_tiny(family)
+    gircse.model.config._attn_implementation = attention
+    texts = TEXTS + ["one more row, of middling length"]
+    batch = gircse.tokenize(texts, "Retrieve the passage")
+    order = batch["attention_mask"].sum(1).argsort(descending=True)  # sorted, as encode sorts
+    batch = {name: t[order] for name, t in batch.items()}
+    with torch.no_grad():
+        whole32 = generate_soft_tokens(gircse.model, None, **batch, k=4)
+        chunked32 = generate_soft_tokens(gircse.model, None, **batch, k=4, prefill_rows=2)
+    torch.testing.assert_close(chunked32, whole32, atol=3e-4, rtol=1e-4)
+    model = gircse.model.double()
+    # transformers' eager attention in float64 turns a padded query row's mask into -inf (finfo.min
+    # added twice) and NaN, chunked or not: the float64 check runs with SDPA.
+    model.config._attn_implementation = "sdpa"
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    soft_token = lambda h: torch.softmax(h @ head.T, dim=-1) @ embeddings
+    params = [p for p in model.parameters() if p.requires_grad]
+    outs, grads = [], []
+    for rows in (None, 1, 2, 3):
+        with torch.no_grad():
+            outs.append(generate_soft_tokens(model, soft_token, **batch, k=4, prefill_rows=rows))
+        if rows in (None, 2):
+            out = generate_soft_tokens(model, soft_token, **batch, k=4, prefill_rows=rows)
+            grads.append(torch.autograd.grad(out.pow(2).sum(), params))
+    for chunked in outs[1:]:
+        torch.testing.assert_close(chunked, outs[0], atol=1e-10, rtol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="prefill_rows"):
+        generate_soft_tokens(model, soft_token, **batch, k=4, prefill_rows=0)
+    with pytest.raises(ValueError, match="capturable"):
+        generate_soft_tokens(model, soft_token, **batch, k=4, prefill_rows=2, capturable=True)
 
-    layer = _StaticLayer(capacity=3)
-    layer.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
-    keys, _ = layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
-    assert keys.shape == (1, 2, 3, 4) and keys[:, :, 2].eq(1).all() and layer.get_seq_length() == 3
-    with pytest.raises(RuntimeError, match="capacity 3"):
-        layer.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+
+def test_static_cache_writes_windows_and_rejects_overflow():
+    from gircse.generation import _place, _StaticLayer
+    from transformers.cache_utils import Cache
+
+    layer = _StaticLayer(batch=2, capacity=4)
+    cache = Cache(layers=[layer])
+    _place(cache, slice(0, 1), 1, 1)  # a chunk of row 0 whose prefill is 2 columns long, right-aligned
+    keys, _ = layer.update(torch.ones(1, 2, 2, 3), torch.ones(1, 2, 2, 3))
+    assert keys.shape == (1, 2, 2, 3) and layer.get_seq_length() == 0
+    _place(cache, slice(None), 0, 3)  # a step over both rows: all columns so far, row 1 never written
+    keys, values = layer.update(torch.full((2, 2, 1, 3), 2.0), torch.full((2, 2, 1, 3), 2.0))
+    assert keys.shape == (2, 2, 4, 3) and layer.get_seq_length() == 3
+    assert keys[0, :, 0].eq(0).all() and keys[0, :, 1:3].eq(1).all() and keys[:, :, 3].eq(2).all()
+    assert keys[1, :, :3].eq(0).all()  # unwritten columns are zero, never garbage
+    _place(cache, slice(None), 0, 4)
+    with pytest.raises(RuntimeError, match="capacity 4"):
+        layer.update(torch.ones(2, 2, 1, 3), torch.ones(2, 2, 1, 3))
 
 
 @pytest.mark.parametrize("family,steps_read_mask", [("llama", False), ("qwen2", False), ("mistral", True)])
