@@ -180,6 +180,23 @@ def time_methods(methods: dict[str, Callable], *, reps: int = 3, warmup: bool = 
     return {name: Measurement(best[name][0], peaks[name], best[name][1]) for name in methods}
 
 
+def measure_machine(dtype: torch.dtype, device: torch.device | str = "cpu", *, size: int = 2048,
+                    read_bytes: int = 512 << 20):
+    """What this machine sustains now, for ``gircse.cost``'s roofline: the best of 3 timed calls of a
+    ``size``-cubed matrix product in ``dtype`` (FLOP/s; CPU: on all of torch's threads) and of a sum over
+    a ``read_bytes`` tensor (bytes/s read; a sum reads each byte once and writes nothing)."""
+    from gircse.cost import Machine
+
+    device = torch.device(device)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    big = torch.ones(read_bytes // 4, dtype=torch.float32, device=device)
+    timed = time_methods({"gemm": lambda: a @ b, "read": lambda: big.sum()}, reps=3, device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpuinfo()[0]
+    return Machine(f"{name}, {str(dtype).replace('torch.', '')}", 2 * size ** 3 / timed["gemm"].seconds,
+                   read_bytes / timed["read"].seconds)
+
+
 # ---------------------------------------------------------------------- the machine
 def _cpuinfo() -> tuple[str, set[str]]:
     model, flags = "", set()

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bench.checks import MODEL_REL_TOL, check_close
-from bench.harness import time_methods
+from bench.harness import measure_machine, time_methods
 from gircse import flops
 from torch.profiler import record_function
 
@@ -165,6 +165,90 @@ def test_bench_encode(smollm2, report, settings):
                       tokens_per_s=batch * n / m.seconds, ratio=ratio, predicted=ideal, gap=ratio / ideal,
                       roofline=roofline, roofline_gap=ratio / roofline, gflops=predicted, peak_mib=m.peak_mib,
                       cpu_busy=m.cpu_busy)
+
+
+# ---------------------------------------------------------------------- encode cost: real documents
+DOCUMENTS = {"quick": dict(n=8, ks=(2,), reps=1, per_batch=False),
+             "default": dict(n=128, ks=(5, 20), reps=2, per_batch=False),
+             "full": dict(n=128, ks=(1, 5, 10, 20), reps=3, per_batch=True)}
+
+
+def dev_documents(n: int) -> list[str]:
+    docs = []
+    with gzip.open(DEV_SET, "rt", encoding="utf-8") as f:
+        for line in f:
+            docs.append(json.loads(line)["pos"][0])
+            if len(docs) == n:
+                return docs
+    raise RuntimeError(f"{DEV_SET} has fewer than {n} documents")
+
+
+def test_bench_encode_documents(smollm2, report, size):
+    """What a user pays: ``encode`` of real documents with every default (batch size, decode group, dtype,
+    max_length 128 as the shipped model), GIRCSE against Causal-EOS on the same backbone, each also
+    against the model-level roofline (``gircse.cost``) on this machine's measured GEMM rate and read
+    bandwidth."""
+    from gircse import cost
+    from gircse.generation import base_causal_lm as causal_lm
+
+    s = DOCUMENTS[size]
+    model, device = smollm2, smollm2.device
+    docs = dev_documents(s["n"])
+    dtype = next(model.parameters()).dtype
+    saved = model.method, model.k, model.max_length
+    model.max_length = 128
+    shape = flops.DecoderShape.from_config(causal_lm(model.model).config)
+    machine = measure_machine(dtype, device)
+    lengths = [len(ids) for ids in model._prompt_token_ids(docs, None)]  # GIRCSE's; Causal-EOS adds its EOS
+
+    def encoding(method, k, **kw):
+        def run():
+            model.method = method
+            return model.encode(docs, k=k, **kw)
+        return run
+
+    runs = {("causal-eos", None, "default"): encoding("causal-eos", 1)}
+    for k in s["ks"]:
+        runs[("gircse", k, "default")] = encoding("gircse", k)
+        if s["per_batch"]:
+            runs[("gircse", k, "steps per prefill batch")] = encoding("gircse", k, decode_batch_size=32)
+    try:
+        group = model._decode_group_rows(32, None, max(lengths), max(s["ks"]))
+        # Correctness first: the decode groups against steps run per prefill batch (fp32: round-off).
+        model.method = "gircse"
+        grouped, per_batch = model.encode(docs, k=s["ks"][0]), model.encode(docs, k=s["ks"][0], decode_batch_size=32)
+        check_close(report, "encode-cost", f"decode groups of {group} vs steps per prefill batch (K={s['ks'][0]})",
+                    torch.from_numpy(grouped), torch.from_numpy(per_batch), rel_tol=MODEL_REL_TOL[dtype])
+        timed = time_methods(runs, reps=s["reps"], warmup=False, device=device)
+    finally:
+        model.method, model.k, model.max_length = saved
+    dtype_bytes = next(model.parameters()).element_size()
+    eos_calls = cost.encode_calls(shape, "causal-eos", lengths, dtype_bytes=dtype_bytes, batch_size=32)
+    eos_ideal = cost.ideal_seconds(eos_calls, machine)
+    eos = timed[("causal-eos", None, "default")].seconds
+    section = report.section("encode-cost", f"Model level: encode {s['n']} real documents (SmolLM2-135M, {dtype})", (
+        f"`model.encode(docs, k=K)` with every default (batch size 32, max_length 128, the automatic decode "
+        f"group: {group} texts per K-step batch), {s['n']} Debian package descriptions from the dev set "
+        f"(mean {sum(lengths) / len(lengths):.0f} tokens). `ideal`: the model-level roofline (`gircse.cost`) "
+        f"of the same calls on real tokens only, each call at max(FLOPs / GEMM rate, bytes / read bandwidth), "
+        f"with this run's measured {machine.gemm_flops / 1e9:.0f} GFLOP/s ({str(dtype).replace('torch.', '')} "
+        f"GEMM, {torch.get_num_threads() if device.type == 'cpu' else 'all'} threads) and "
+        f"{machine.bandwidth / 1e9:.1f} GB/s (read). `steps per prefill batch`: the K steps on each batch of 32 "
+        "(the behaviour before decode groups). Time: best of the round-robin repetitions."))
+    table = section.table("encode-documents", "Encode real documents", [
+        ("method", "method"), ("k", "K"), ("way", "K steps on"), ("seconds", "s", "s"),
+        ("texts_per_s", "texts/s", "rate"), ("ratio", "time / Causal-EOS", "ratio"),
+        ("ideal_ratio", "ideal / Causal-EOS ideal", "ratio"), ("ideal", "ideal s", "s"),
+        ("vs_ideal", "time / ideal", "ratio"), ("peak_mib", "peak MiB", "mib")])
+    for (method, k, way), m in timed.items():
+        calls = eos_calls if method == "causal-eos" else cost.encode_calls(
+            shape, "gircse", lengths, k, dtype_bytes=dtype_bytes, batch_size=32,
+            decode_rows=group if way == "default" else 32)
+        ideal = cost.ideal_seconds(calls, machine)
+        table.add(method="Causal-EOS" if method == "causal-eos" else "GIRCSE", k=k,
+                  way="-" if method == "causal-eos" else (f"{group} texts" if way == "default" else "32 texts"),
+                  seconds=m.seconds, texts_per_s=len(docs) / m.seconds, ratio=m.seconds / eos,
+                  ideal_ratio=ideal / eos_ideal, ideal=ideal, vs_ideal=m.seconds / ideal, peak_mib=m.peak_mib)
 
 
 # ---------------------------------------------------------------------- decode-step profile

@@ -26,10 +26,12 @@ import torch
 
 import gircse.model as gircse_model
 from bench.checks import check_close
-from bench.harness import time_methods
-from gircse.generation import generate_soft_tokens_uncached
+from bench.harness import measure_machine, time_methods
+from gircse import cost, flops
+from gircse.generation import base_causal_lm, generate_soft_tokens_uncached
 from gircse.training import TrainConfig
-from gircse.training.trainer import apply_lora, batch_gradients, trainable_parameters
+from gircse.training.trainer import (PREFILL_ROWS, _batch_texts, apply_lora, batch_gradients,
+                                     frozen_linear_weights_in_bf16, trainable_parameters)
 
 SETTINGS = {  # rows per step, hard negatives per row, max_length, K, GradCache chunk, repetitions, bf16
     "quick": dict(rows=2, negatives=0, max_length=40, k=2, chunk=2, reps=1, bf16=False),
@@ -155,3 +157,83 @@ def test_bench_training(smollm2, report, size):
         table.add(way=name, gradcache="-" if chunk is None else f"chunk {chunk}", seconds=m.seconds,
                   ratio=m.seconds / eos.seconds, peak_mib=m.peak_mib, mem_ratio=mem_ratio, cpu_busy=m.cpu_busy)
     del model, optimizer
+
+
+# ---------------------------------------------------------------------- one micro-batch against its ideal
+MICRO_BATCH = {  # rows (each with its positive and hard negatives), negatives per row, max_length, K, reps
+    "quick": dict(rows=2, negatives=1, max_length=40, k=2, reps=1),
+    "default": dict(rows=16, negatives=1, max_length=128, k=5, reps=1),
+    "full": dict(rows=16, negatives=1, max_length=128, k=5, reps=3),
+}
+
+
+def test_bench_training_step(smollm2, report, size):
+    """Issue 25's comparison: the gradients of one contrastive micro-batch of the shipped Debian set
+    (``batch_gradients``, as ``gircse train --bf16`` runs it: frozen weights cast to bf16 once, autocast),
+    GIRCSE against Causal-EOS on the same rows and adapter, each also against the model-level roofline
+    (``gircse.cost.training_calls``: forward and backward FLOPs and bytes of every call) and its memory
+    against ``gircse.cost.training_memory``."""
+    s = MICRO_BATCH[size]
+    device = smollm2.device
+    bf16 = device.type == "cuda" or torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    config = TrainConfig(method="gircse", k=s["k"], batch_size=s["rows"], num_negatives=s["negatives"],
+                         max_length=s["max_length"], bf16=bf16, progress=False)
+    model = lora_copy(smollm2, config)
+    model.max_length, model.k = config.max_length, config.k
+    rows = training_rows(s["rows"])
+    shape = flops.DecoderShape.from_config(base_causal_lm(model.model).config)
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    machine = measure_machine(compute_dtype, device)
+    texts, instructions, _ = _batch_texts(rows, config)
+    model.method = "gircse"  # GIRCSE's token counts; the roofline adds Causal-EOS's EOS itself
+    lengths = [len(ids) for ids in model._prompt_token_ids(texts, instructions)]
+
+    def micro_batch(method):
+        step_config = dataclasses.replace(config, method=method)
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            model.method = method
+            with frozen_linear_weights_in_bf16(model, bf16):
+                batch_gradients(model, rows, step_config)
+        return run
+
+    saved = model.method
+    try:
+        timed = time_methods({m: micro_batch(m) for m in ("causal-eos", "gircse")}, reps=s["reps"], warmup=False,
+                             device=device)
+    finally:
+        model.method = saved
+    dtype_bytes = 2 if bf16 else 4
+    section = report.section("training-step", "Model level: one training micro-batch (SmolLM2-135M)", (
+        f"`batch_gradients` of {s['rows']} rows of the shipped Debian training set ({len(texts)} texts: "
+        f"queries, positives, {s['negatives']} hard negative(s) per row; mean {sum(lengths) / len(lengths):.0f} "
+        f"tokens), max_length {s['max_length']}, K = {s['k']}, LoRA r = {config.lora_r} on all linear layers, "
+        f"{'bf16 (frozen weights cast once, autocast)' if bf16 else 'fp32 (no native bf16 GEMM here)'}, as "
+        f"`gircse train` runs it: one forward for all texts, prefills of {PREFILL_ROWS} texts. `ideal`: "
+        f"`gircse.cost.training_calls`, forward and backward, each call at max(FLOPs / GEMM rate, bytes / read "
+        f"bandwidth) with this run's measured {machine.gemm_flops / 1e9:.0f} GFLOP/s and "
+        f"{machine.bandwidth / 1e9:.1f} GB/s; `model memory`: `gircse.cost.training_memory` (weights, adapter "
+        "state, activations kept for backward, KV cache) less the weights and adapter state the process "
+        "already holds. Peak: the call's peak RSS above what was held before it (CPU) or peak allocated (CUDA)."))
+    table = section.table("micro-batch", "One micro-batch's gradients", [
+        ("method", "method"), ("seconds", "s", "s"), ("ratio", "time / Causal-EOS", "ratio"),
+        ("ideal", "ideal s", "s"), ("ideal_ratio", "ideal / Causal-EOS ideal", "ratio"),
+        ("vs_ideal", "time / ideal", "ratio"), ("peak_mib", "peak MiB", "mib"),
+        ("mem_ratio", "memory / Causal-EOS", "ratio"), ("model_mib", "model memory MiB", "mib"),
+        ("cpu_busy", "cpu busy", "ratio")])
+    ideals = {}
+    for method in timed:
+        calls = cost.training_calls(shape, method, lengths, s["k"], lora_rank=config.lora_r,
+                                    dtype_bytes=dtype_bytes, prefill_rows=PREFILL_ROWS)
+        ideals[method] = cost.ideal_seconds(calls, machine)
+    eos = timed["causal-eos"]
+    for method, m in timed.items():
+        need = cost.training_memory(shape, method, lengths, s["k"], lora_rank=config.lora_r, dtype_bytes=dtype_bytes)
+        mem_ratio = None if m.peak_mib is None or not eos.peak_mib else m.peak_mib / eos.peak_mib
+        table.add(method="Causal-EOS" if method == "causal-eos" else "GIRCSE", seconds=m.seconds,
+                  ratio=m.seconds / eos.seconds, ideal=ideals[method],
+                  ideal_ratio=ideals[method] / ideals["causal-eos"], vs_ideal=m.seconds / ideals[method],
+                  peak_mib=m.peak_mib, mem_ratio=mem_ratio,
+                  model_mib=(need["activations"] + need["kv_cache"]) / 2**20, cpu_busy=m.cpu_busy)
+    del model
