@@ -155,11 +155,11 @@ def cost_launch(launch, hw: Hardware) -> KernelCost:
         n_de = launch.grid[1]
         reads = splits * rows * de * 4 + 3 * splits * rows * n_de * 4
         writes = rows * de * 4 + rows * 4
-        return KernelCost(name, launch.grid, reads + writes, reads + writes, 0.0)
+        return _finish(KernelCost(name, launch.grid, reads + writes, reads + writes, 0.0), hw, 0.0)
     if name == "sum_splits":
         splits, rows, n = a["S"], a["R"], a["N"]
         out = splits * rows * n * 4 + rows * n * _size(a["out_ptr"])
-        return KernelCost(name, launch.grid, out, out, 0.0)
+        return _finish(KernelCost(name, launch.grid, out, out, 0.0), hw, 0.0)
 
     s = _size(a["h_ptr"])
     rows, vocab, d, de = a["B"], a["V"], a["D"], a["DE"]
