@@ -248,7 +248,7 @@ recorder.cell("correctness", dict(model="m", rows=2), lambda: sum(range(10 ** 13
     written = _strict_json(tmp_path / report.JSON_NAME)
     assert written["status"] == "killed" and written["ok"] is False
     assert "correctness hangs" in written["killed"] and written["correctness"][0]["ok"]
-    assert "line 9" in written["killed_traceback"] or "<string>" in written["killed_traceback"]
+    assert 'File "<string>"' in written["killed_traceback"]  # the hung frame, from faulthandler's dump
     assert "**KILLED**" in (tmp_path / report.MD_NAME).read_text()
 
 

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import threading
 import traceback
 
 JSON_NAME, MD_NAME, TRACEBACK_NAME = "gpu_check.json", "gpu_check.md", "gpu_check_traceback.txt"
@@ -61,24 +60,22 @@ class Recorder:
     """Holds the report, writes it after every change, prints one flushed progress line per event.
 
     ``context_lost(exc)`` says whether an exception left the CUDA context unusable (a sticky error):
-    after one, every later cell that needs CUDA is recorded as skipped, and the run ends its CUDA
-    sections with the report still written."""
+    after one, every later cell is recorded as skipped, and the run ends its CUDA sections with the
+    report still written."""
 
     def __init__(self, out_dir: str, report: dict, clock, *, context_lost=None):
         self.out_dir, self.report, self.clock = out_dir, report, clock
         self.context_lost = context_lost or (lambda exc: None)
         self.json_path = os.path.join(out_dir, JSON_NAME)
         self.md_path = os.path.join(out_dir, MD_NAME)
-        self.lock = threading.Lock()
         self.longest_cell = {}  # section -> seconds of its longest cell so far
         os.makedirs(out_dir, exist_ok=True)
 
     # ---------------------------------------------------------------------------------------------
     def write(self) -> None:
-        with self.lock:
-            self.report["wall_s"] = round(self.clock.elapsed(), 2)
-            write_atomic(self.json_path, json.dumps(_strict(self.report), indent=1, default=str, allow_nan=False))
-            write_atomic(self.md_path, safe_markdown(self.report))
+        self.report["wall_s"] = round(self.clock.elapsed(), 2)
+        write_atomic(self.json_path, json.dumps(_strict(self.report), indent=1, default=str, allow_nan=False))
+        write_atomic(self.md_path, safe_markdown(self.report))
 
     def progress(self, text: str) -> None:
         print(f"[{self.clock.elapsed():7.1f} s] {text}", flush=True)
@@ -207,6 +204,8 @@ def finalize_killed(out_dir: str, elapsed_s: float, traceback_path: str | None =
             report = json.load(f)
     except (OSError, ValueError):
         report = new_report("(unknown: killed before its first report)", 0.0, False)
+    if report.get("status") == "complete":  # killed after its last write: the report stands as it is
+        return
     current = report.get("current") or {}
     where = f"{current.get('section')} {current.get('cell')}" if current else "between cells"
     report.update(status="killed", ok=False, wall_s=round(elapsed_s, 2),
