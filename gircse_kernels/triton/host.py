@@ -6,7 +6,7 @@ vocabulary-chunked GEMM path (``gemm_path``); otherwise the fused kernels run, t
 combine (``forward``) and, for the backward, the dh kernel (``backward_dh``) and / or the vocabulary-tile
 kernel (``backward_tiles``, with dh folded in while its partials fit the budget). ``forward_launches`` /
 ``backward_launches`` return every launch of a call without running it: the roofline model and
-``bench/gpu_check.py`` plan from them. Shapes and strides are checked here (a unit last stride for
+``bench/gpu_check`` plan from them. Shapes and strides are checked here (a unit last stride for
 ``hidden``; W and E any 2-D strides).
 
 Memory and streams: every buffer (partials, outputs) is allocated per call from PyTorch's caching
