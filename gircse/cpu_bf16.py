@@ -4,9 +4,9 @@ On x86, torch runs bf16 matmuls through oneDNN, which is fast only with bf16 dot
 (AVX512-BF16 or AMX-BF16). Without them the products are emulated: on a Sapphire Rapids with oneDNN
 limited to AVX512 (``ONEDNN_MAX_CPU_ISA=AVX512_CORE``) a one-thread 128x256x256 bf16 matmul ran about 5x
 slower than fp32 (31-37 against 169-194 GFLOP/s), limited to AVX2 about 100x slower (0.7-1.6 against
-161-180; issue 30 measured 0.9 against 41 GFLOP/s on an AVX2-only EPYC). A bf16 model (``dtype="bfloat16"``, ``--dtype bf16``) or bf16 autocast
-(``--bf16``) then costs time and buys nothing, so :func:`warn_if_slow_bf16` warns once per process,
-with the rates it measures in this process.
+161-180; issue 30 measured 0.9 against 41 GFLOP/s on an AVX2-only EPYC). A bf16 model
+(``dtype="bfloat16"``, ``--dtype bf16``) or bf16 autocast (``--bf16``) then costs time and buys
+nothing, so :func:`warn_if_slow_bf16` warns once per process, with the rates it measures then.
 
 The detection reads the CPU's own flags (CPUID, through ``gircse_kernels.cpu.capabilities()``, or
 torch's cpuinfo when the C++ extension is not built), never ``ATEN_CPU_CAPABILITY`` or

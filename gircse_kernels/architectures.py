@@ -136,4 +136,3 @@ def model_scales(model: nn.Module, lm_head: nn.Module, embeddings: nn.Module) ->
         if value is not None and not 0 < value < math.inf:
             raise _refuse(model, f"its {field.name} is {value} (a positive finite number expected)")
     return scales
-

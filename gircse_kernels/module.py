@@ -79,4 +79,5 @@ class SoftTokenEmbedding(nn.Module):
         vocab, d = self.lm_head_weight.shape
         return (f"vocab={vocab}, d={d}, d_embed={self.embed_weight.shape[1]}, tied={self.tied}, "
                 f"bias={self.lm_head_bias is not None}, temperature={self.temperature}, "
-                f"softcap={self.softcap}, embed_scale={self.embed_scale}, backend={self.backend!r}, batch_invariant={self.batch_invariant}")
+                f"softcap={self.softcap}, embed_scale={self.embed_scale}, backend={self.backend!r}, "
+                f"batch_invariant={self.batch_invariant}")

@@ -102,7 +102,8 @@ def test_one_storage_in_two_layouts_is_not_tied(backend):
     go = torch.randn(3, d, generator=g)
     views = {
         "transposed": (w, lambda t: t, lambda t: t.T),
-        "two shapes": (buffer, lambda t: t[:vocab * d].view(vocab, d), lambda t: t[:vocab * d_embed].view(vocab, d_embed)),
+        "two shapes": (buffer, lambda t: t[:vocab * d].view(vocab, d),
+                       lambda t: t[:vocab * d_embed].view(vocab, d_embed)),
     }
     for name, (leaf, as_w, as_e) in views.items():
         assert as_w(leaf).data_ptr() == as_e(leaf).data_ptr() and not same_storage(as_w(leaf), as_e(leaf)), name
