@@ -11,6 +11,7 @@ from torch import nn
 
 from . import loading
 from .baselines import bidirectional_mean, causal_eos_state
+from .cpu_bf16 import warn_if_slow_bf16
 from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_steps, prefill_chunks,
                          soft_token_embedding_of)
 from .methods import METHODS, POOLING, check_method
@@ -58,6 +59,10 @@ class GIRCSE(nn.Module):
             query_format = REFERENCE_QUERY_FORMAT if prompt_style == "reference" else QUERY_FORMAT
         self.query_format = check_query_format(query_format)
         self._warned_truncation = False  # warn once per model when inputs exceed max_length
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if weight is not None and weight.dtype == torch.bfloat16:
+            warn_if_slow_bf16("a bf16 model (dtype='bfloat16', --dtype bf16)",
+                              "load it in fp32 (dtype='float32', --dtype float32)", weight.device)
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod

@@ -77,17 +77,26 @@ def check_op_inputs(
             + ("; gircse_kernels.reference computes in float64" if dtype == torch.float64 else "")
         )
 
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
+    check_logit_options(temperature, softcap)
+
+
+def check_positive_finite(name: str, value, *, optional: bool = False) -> None:
+    """``value`` must be a real number in (0, inf) (or None where ``optional``); bools are refused."""
+    if optional and value is None:
+        return
+    expected = "None or a positive float" if optional else "a positive float"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     # Comparisons rather than math.isfinite: they also work on the symbolic floats of
-    # torch.compile(dynamic=True) (and reject NaN and inf alike).
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap must be None or a positive float, got {type(softcap).__name__}")
-        if not 0 < softcap < math.inf:
-            raise ValueError(f"softcap must be None or a positive finite number, got {softcap}")
+    # torch.compile(dynamic=True), and reject NaN and inf alike.
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be {expected.replace('float', 'finite number')}, got {value}")
+
+
+def check_logit_options(temperature, softcap) -> None:
+    """The op's temperature (positive, finite) and optional softcap (None, or positive and finite)."""
+    check_positive_finite("temperature", temperature)
+    check_positive_finite("softcap", softcap, optional=True)
 
 
 def compute_dtype(hidden: torch.Tensor, lm_head_weight: torch.Tensor, embed_weight: torch.Tensor) -> torch.dtype:

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..cpu_bf16 import warn_if_slow_bf16
 from ..data.jsonl import count_rows, iter_rows, json_line
 from ..losses import icr_loss
 from ..validation import as_path
@@ -86,6 +87,7 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def _autocast(config: TrainConfig, device: torch.device):
     if config.bf16:
+        warn_if_slow_bf16("bf16 autocast (--bf16, TrainConfig.bf16)", "train without --bf16 (fp32)", device)
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -32,6 +32,20 @@ def test_retrieval_metrics_by_hand_multiple_relevant():
     assert m["recall@10"] == pytest.approx(1.0) and m["recall@100"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("relevant,expected", [
+    ([9], {"ndcg@10": 1 / math.log2(11), "mrr@10": 1 / 10, "recall@1": 0.0, "recall@10": 1.0, "recall@100": 1.0}),
+    ([10], {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@1": 0.0, "recall@10": 0.0, "recall@100": 1.0}),
+    ([9, 10], {"ndcg@10": (1 / math.log2(11)) / (1 + 1 / math.log2(3)), "mrr@10": 1 / 10, "recall@1": 0.0,
+               "recall@10": 0.5, "recall@100": 1.0}),
+    # 12 relevant at ranks 1..12: the ideal DCG counts 10 hits, so the ranking is perfect
+    (list(range(12)), {"ndcg@10": 1.0, "mrr@10": 1.0, "recall@1": 1 / 12, "recall@10": 10 / 12, "recall@100": 1.0}),
+], ids=["rank10", "rank11", "ranks10-11", "12-relevant"])
+def test_retrieval_cutoff_at_rank_10(relevant, expected):
+    """Document i ranks i + 1: the first relevant at rank 10 still counts for @10, at rank 11 it does not."""
+    scores = torch.linspace(1.0, 0.0, 20)[None]
+    assert ev.retrieval_metrics(scores, [relevant]) == pytest.approx(expected)
+
+
 def test_retrieval_ties_count_against_the_relevant_document():
     # the relevant document (0) tied with one non-relevant document: rank 2, not 1
     m = ev.retrieval_metrics(torch.tensor([[0.5, 0.5, 0.1]]), [[0]])

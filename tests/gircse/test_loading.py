@@ -107,6 +107,26 @@ def test_load_validates_the_config(make_tiny, tmp_path, change, message):
     assert loading.CONFIG_FILE in str(error.value)
 
 
+@pytest.mark.parametrize("key,bad,good", [
+    ("prompt_style", ["chat", "", None, 1], ["gircse", "reference"]),
+    ("gguf_file", ["", 5, False, ["a.gguf"]], [None, "SmolLM2-135M-Instruct.Q4_1.gguf"]),
+    ("pooling", [None, 3, ["mean"]], ["", "mean of the K generated states"]),
+])
+def test_optional_config_keys_are_validated(make_tiny, tmp_path, key, bad, good):
+    make_tiny("llama", k=2).save_pretrained(tmp_path / "m")
+    saved = _config(tmp_path / "m")
+    for value in bad:
+        with pytest.raises(ValueError, match=f"^{loading.CONFIG_FILE}: {key} must be"):
+            loading.validate_config({**saved, key: value})
+    for value in good:
+        assert loading.validate_config({**saved, key: value})[key] == value
+    without = {name: value for name, value in saved.items() if name != key}
+    assert loading.validate_config(without) == without  # optional: absent is fine
+    _write_config(tmp_path / "m", **{key: bad[0]})  # and loading goes through the same check
+    with pytest.raises(ValueError, match=f"{key} must be"):
+        GIRCSE.from_pretrained(tmp_path / "m")
+
+
 def test_query_format_without_text_would_embed_every_query_alike(make_tiny):
     """Why the format is checked: this is what a format without {text} did (every query the same)."""
     with pytest.raises(ValueError, match="query_format"):

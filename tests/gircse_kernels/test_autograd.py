@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gircse_kernels import SoftTokenEmbedding, cpu, reference, soft_token_embedding
+from gircse_kernels.autograd import same_storage
 from tests.gircse_kernels.op_cases import Case, make_inputs
 
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not cpu.available(), reason="no C++ extension"))]
@@ -87,6 +88,33 @@ def test_tied_weights_get_one_summed_gradient(backend):
     (rw,) = torch.autograd.grad(reference.soft_token_embedding(h.detach().double(), w64, w64, b.detach().double()),
                                 w64, go.double())
     torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_storage_in_two_layouts_is_not_tied(backend):
+    """W and E may be views of one storage that are not the same matrix: a square W with E = W.T (same
+    pointer, shape and dtype, other strides), or two shapes over one buffer. Neither is a tied head."""
+    g = torch.Generator().manual_seed(4)
+    vocab, d, d_embed = 40, 40, 24
+    w = (2 * torch.randn(vocab, d, generator=g) / d ** 0.5).requires_grad_(True)
+    buffer = (2 * torch.randn(vocab * d, generator=g) / d ** 0.5).requires_grad_(True)
+    h = torch.randn(3, d, generator=g, requires_grad=True)
+    go = torch.randn(3, d, generator=g)
+    views = {
+        "transposed": (w, lambda t: t, lambda t: t.T),
+        "two shapes": (buffer, lambda t: t[:vocab * d].view(vocab, d),
+                       lambda t: t[:vocab * d_embed].view(vocab, d_embed)),
+    }
+    for name, (leaf, as_w, as_e) in views.items():
+        assert as_w(leaf).data_ptr() == as_e(leaf).data_ptr() and not same_storage(as_w(leaf), as_e(leaf)), name
+        out = soft_token_embedding(h, as_w(leaf), as_e(leaf), backend=backend)
+        grads = torch.autograd.grad(out, (h, leaf), go[:, :out.shape[1]])
+        h64, leaf64 = (t.detach().double().requires_grad_(True) for t in (h, leaf))
+        expected = reference.soft_token_embedding(h64, as_w(leaf64), as_e(leaf64))
+        expected_grads = torch.autograd.grad(expected, (h64, leaf64), go[:, :out.shape[1]].double())
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------- mixed precision

@@ -35,12 +35,13 @@ def test_bias_and_softcap_are_taken_from_the_model():
     model.lm_head = torch.nn.Linear(32, 301, bias=True)
     model.config.final_logit_softcapping = 7.0
     module = SoftTokenEmbedding.from_model(model, backend="torch", temperature=0.5)
-    assert module.lm_head_bias is model.lm_head.bias and module.softcap == 7.0
+    assert module.lm_head_bias is model.lm_head.bias
     h = torch.randn(4, 32)
-    expected = reference.soft_token_embedding(h, model.lm_head.weight, model.get_input_embeddings().weight,
-                                              model.lm_head.bias, temperature=0.5, softcap=7.0)
-    torch.testing.assert_close(module(h), expected, rtol=1e-5, atol=1e-6)
-    assert "softcap=7.0" in repr(module)
+    # The temperature divides the model's final (softcapped) logits, as transformers' sampling does.
+    model_logits = 7.0 * torch.tanh(model.lm_head(h).double() / 7.0)
+    expected = torch.softmax(model_logits / 0.5, -1) @ model.get_input_embeddings().weight.double()
+    torch.testing.assert_close(module(h).double(), expected, rtol=1e-5, atol=1e-6)
+    assert "softcap=14.0" in repr(module)  # the op's cap: softcap_7(z) / 0.5 == softcap_14(z / 0.5)
 
 
 def test_from_model_without_lm_head_is_a_clear_error():
@@ -58,3 +59,21 @@ def test_from_model_without_lm_head_is_a_clear_error():
 def test_bad_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         SoftTokenEmbedding(torch.randn(3, 4), torch.randn(3, 4), backend="gpu")
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(softcap=float("inf")), ValueError, "softcap must be None or a positive finite number, got inf"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be None or a positive finite number, got nan"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a positive finite number, got inf"),
+    (dict(embed_scale=0.0), ValueError, "embed_scale must be a positive finite number, got 0.0"),
+    (dict(embed_scale="2"), TypeError, "embed_scale must be a positive float, got str"),
+])
+def test_bad_options_fail_at_construction(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        SoftTokenEmbedding(torch.randn(3, 4), torch.randn(3, 4), **kw)
+
+
+def test_embed_scale_multiplies_the_mix():
+    w, e, h = torch.randn(7, 4), torch.randn(7, 5), torch.randn(2, 4)
+    scaled = SoftTokenEmbedding(w, e, embed_scale=3.0, backend="torch")(h)
+    torch.testing.assert_close(scaled, 3.0 * reference.soft_token_embedding(h, w, e), rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gircse_kernels import reference
-from tests.gircse_kernels.op_cases import Case, make_inputs
+from tests.gircse_kernels.op_cases import Case, assert_matches_truth, make_inputs, naive
 
 
 def test_reference_matches_textbook_formula_in_fp64():
@@ -10,6 +10,35 @@ def test_reference_matches_textbook_formula_in_fp64():
     h, w, e, b = (t.double() for t in (h, w, e, b))
     expected = torch.softmax((h @ w.T + b) / 0.7, -1) @ e
     assert torch.allclose(reference.soft_token_embedding(h, w, e, b, temperature=0.7), expected)
+
+
+def test_reference_matches_textbook_with_temperature_and_softcap():
+    """Temperature first, then the cap, as documented: z = c tanh(((h W^T + b) / T) / c)."""
+    h, w, e, b = (t.double() for t in make_inputs(Case(lead=(4,), vocab=13, d=8, d_embed=5, bias=True,
+                                                       logit_scale=20.0)))
+    temperature, cap = 0.7, 2.5
+    scaled = (h @ w.T + b) / temperature
+    expected = torch.softmax(cap * torch.tanh(scaled / cap), -1) @ e
+    actual = reference.soft_token_embedding(h, w, e, b, temperature=temperature, softcap=cap)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    # The case tells the orders apart: capping first, or a cap ignored, is far from it.
+    capped_first = torch.softmax(cap * torch.tanh((h @ w.T + b) / cap) / temperature, -1) @ e
+    uncapped = torch.softmax(scaled, -1) @ e
+    for wrong in (capped_first, uncapped):
+        assert (wrong - expected).abs().max() > 1e-2
+
+
+def test_oracle_rejects_a_wrong_truth():
+    """A wrong reference must not widen its own bound: here the 'truth' forgets the softcap, and a
+    correct result (the same-dtype formula with the cap) is refused because the formula is far from it."""
+    case = Case(lead=(3,), vocab=100, d=16, logit_scale=30.0)
+    h, w, e, _ = make_inputs(case)
+    right = naive(h, w, e, None, softcap=3.0)
+    wrong_truth = reference.soft_token_embedding(h.double(), w.double(), e.double())  # no softcap
+    with pytest.raises(AssertionError, match="naive formula is .* from the reference truth"):
+        assert_matches_truth(right, wrong_truth, right, case.dtype)
+    truth = reference.soft_token_embedding(h.double(), w.double(), e.double(), softcap=3.0)
+    assert_matches_truth(right, truth, right, case.dtype)
 
 
 def test_softcap_bounds_logits():

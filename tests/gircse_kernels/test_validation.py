@@ -46,7 +46,11 @@ def test_bad_tensors(name, override, exc, match, backend):
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature="1"), TypeError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a positive finite number, got inf"),
     (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap=0.0), ValueError, "softcap must be None or a positive finite number, got 0.0"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be None or a positive finite number, got inf"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be None or a positive finite number, got nan"),
     (dict(softcap=True), TypeError, "softcap"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(grad_filter_eps=1.5), ValueError, "grad_filter_eps"),
@@ -70,6 +74,9 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
 def test_reference_validates_too():
     with pytest.raises(ValueError, match="hidden's last dimension"):
         reference.soft_token_embedding(torch.randn(2, 3), torch.randn(V, D), torch.randn(V, DE))
+    for softcap in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+            reference.soft_token_embedding(**ok(), softcap=softcap)
 
 
 def test_triton_on_cpu_without_interpreter_is_rejected(monkeypatch):
