@@ -16,7 +16,7 @@ from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_ste
 from .methods import METHODS, POOLING, check_method
 from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, check_query_format, left_pad,
                       reference_document_instruction, to_left_padding, token_ids, validate_texts)
-from .validation import as_int, as_path
+from .validation import as_bool, as_int, as_path
 
 __all__ = ["GIRCSE", "METHODS", "load_default"]
 
@@ -265,9 +265,18 @@ class GIRCSE(nn.Module):
         shipped adapter, down to 0.88 for the raw base model at K = 20). Guaranteed in every dtype: the
         same call repeats bit for bit, and with ``batch_size=1`` a text's embedding does not depend on
         the other texts.
+
+        A NaN or infinite embedding (broken weights, an fp16 overflow) is a ValueError naming the text,
+        never a returned vector: it would score as a perfect match in some metrics and is not valid JSON.
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)
+        normalize_embeddings = as_bool("normalize_embeddings", normalize_embeddings)
+        convert_to_numpy, convert_to_tensor = as_bool("convert_to_numpy", convert_to_numpy), as_bool(
+            "convert_to_tensor", convert_to_tensor)
+        return_all_steps = as_bool("return_all_steps", return_all_steps)
+        if show_progress_bar is not None:
+            show_progress_bar = as_bool("show_progress_bar", show_progress_bar)
         if prompt is not None:
             if instruction is not None:
                 raise ValueError("give either instruction= (formatted with the query format) or prompt= (a literal "
@@ -300,6 +309,7 @@ class GIRCSE(nn.Module):
                         index = order[start:start + batch_size]
                         batch = self._pad([sequences[i] for i in index])
                         emb = self.forward(**batch, k=k, return_all_steps=return_all_steps).float()
+                        _check_finite_embeddings(emb, index)
                         if normalize_embeddings:
                             emb = torch.nn.functional.normalize(emb, dim=-1)
                         out[torch.tensor(index)] = emb.cpu()
@@ -359,6 +369,17 @@ class GIRCSE(nn.Module):
         probs, ids = top_soft_token_probs(queries, ste, top)
         return [[(self.tokenizer.decode([int(t)]), float(p)) for p, t in zip(step_p, step_t)]
                 for step_p, step_t in zip(probs.tolist(), ids.tolist())]
+
+
+def _check_finite_embeddings(embeddings: torch.Tensor, index: list[int]) -> None:
+    """ValueError when a row of ``embeddings`` (texts ``index``, in that order) holds NaN or inf."""
+    finite = torch.isfinite(embeddings).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = sorted(index[i] for i in (~finite).nonzero()[:, 0].tolist())
+    raise ValueError(f"the model produced a non-finite (NaN or infinite) embedding for {len(bad)} text(s) of a "
+                     f"batch (the first: texts[{bad[0]}]); its weights or its dtype (an fp16 overflow) are "
+                     "broken, and no embedding is returned")
 
 
 def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, chunk: int = 8192
