@@ -70,8 +70,8 @@ class GIRCSE(nn.Module):
         """
         name_or_path = loading.check_model_reference(name_or_path)
         adapter_dir = None if adapter is None else as_path("adapter", adapter)
-        if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, loading.ADAPTER_CONFIG_FILE)):
-            raise FileNotFoundError(f"adapter: no peft adapter in {adapter_dir} (no {loading.ADAPTER_CONFIG_FILE})")
+        if adapter_dir is not None:
+            loading.read_adapter_config(adapter_dir)  # there and parseable: its errors name the file
         k = None if k is None else check_k(k)
         max_length = None if max_length is None else as_int("max_length", max_length, minimum=2)
         method = None if method is None else check_method(method)
@@ -81,20 +81,20 @@ class GIRCSE(nn.Module):
         saved: dict = {}
         if loading.is_gircse_dir(name_or_path):
             saved = loading.read_config(name_or_path)  # validated: version, keys, formats
-            base = saved["base_model"]
-            if not os.path.isabs(base) and os.path.isdir(os.path.join(name_or_path, base)):
-                base = os.path.join(name_or_path, base)  # base weights saved inside the directory
+            base = loading.saved_base(name_or_path, saved)
             if adapter_dir is None:
                 adapter_dir = loading.saved_adapter_dir(name_or_path, saved)  # what the config promises
             base_ref = loading.check_model_reference(base, what=f"{name_or_path}'s base_model")
             gguf_file = gguf_file or saved.get("gguf_file")
         else:
             base_ref = name_or_path
+        if adapter is not None:  # chosen by the caller: it must have been trained on this base
+            loading.check_adapter_base(adapter_dir, base_ref, gguf_file)
+        if adapter_dir is not None:
+            loading.check_adapter_weights(adapter_dir)  # a file cut short fails before the base loads
         model, tokenizer = loading.load_base(base_ref, gguf_file=gguf_file, device=device, dtype=dtype)
         if adapter_dir is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_dir).to(device).eval()
+            model = _attach_adapter(model, adapter_dir, base_ref).to(device).eval()
         prompt_style = prompt_style or saved.get("prompt_style", "gircse")
         default_k = 5 if prompt_style == "reference" else 20  # the authors' adapters were trained at K=5
         return cls(model, tokenizer,
@@ -369,6 +369,21 @@ class GIRCSE(nn.Module):
         probs, ids = top_soft_token_probs(queries, ste, top)
         return [[(self.tokenizer.decode([int(t)]), float(p)) for p, t in zip(step_p, step_t)]
                 for step_p, step_t in zip(probs.tolist(), ids.tolist())]
+
+
+def _attach_adapter(model, adapter_dir: str, base: str):
+    """``PeftModel.from_pretrained``, with an adapter whose weights have other shapes than ``base``'s layers
+    (trained on another architecture or size) reported in one line naming both."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except RuntimeError as error:
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        raise ValueError(f"adapter {adapter_dir} does not fit base model {base!r}: {len(mismatches)} weight(s) "
+                         f"have other shapes (first: {mismatches[0]}); it was trained on another model") from None
 
 
 def _check_finite_embeddings(embeddings: torch.Tensor, index: list[int]) -> None:
