@@ -34,6 +34,8 @@ def _read_lines(path: str) -> list[str]:
         data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
     else:
         name = path
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"--input {path} is a directory; name a text file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--input: no such file: {path}")
         with open(path, "rb") as f:  # bytes: text mode would turn a lone CR into a line break
@@ -62,7 +64,7 @@ def run_encode(args) -> int:
         if sys.stdout.isatty():
             raise ValueError("stdout is a terminal; redirect it to a file or give --output FILE.npy")
     else:
-        check_output_path(args.output)
+        check_output_path(args.output, other_files={"--input": args.input})
     texts = _read_lines(args.input)
     model = _load(args)
     vectors = model.encode(texts, args.instruction, batch_size=args.batch_size,
