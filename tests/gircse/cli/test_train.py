@@ -95,6 +95,38 @@ def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_
     assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def test_cli_run_checks_before_loading(smollm2_tokenizer, tmp_path, capsys, monkeypatch):
+    """What the run into --out would do wrong is found before the model loads (it took 1.5-3 minutes):
+    fewer rows than one step, a --resume without a checkpoint, whose options or data file differ from the
+    checkpoint's, a second run into a checkpointed --out without --resume or --overwrite."""
+    import gircse
+    from gircse.cli import main
+
+    from ..test_training import make_rows, write_rows
+    from ..test_training_resume import run
+
+    data = write_rows(tmp_path / "d.jsonl", make_rows(6))
+    other = write_rows(tmp_path / "other.jsonl", make_rows(6, seed=1))
+    out = str(tmp_path / "run")
+    run(smollm2_tokenizer, data, out, max_steps=1)  # CFG: k 2, batch 2, LoRA r 4 / alpha 8, lr 5e-3, max_length 48
+    same = ["--k", "2", "--batch-size", "2", "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-3",
+            "--max-length", "48", "--max-steps", "1"]
+    monkeypatch.setattr(gircse.GIRCSE, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the checks"))
+    cases = [
+        (["--data", data, "--out", str(tmp_path / "new"), "--batch-size", "7"], "6 rows, fewer rows than one "
+         "optimizer step needs (7 = batch_size 7 x 1 rank(s) x grad_accum 1)"),
+        (["--data", data, "--out", str(tmp_path / "new"), "--resume", *same], "--resume: no checkpoint in"),
+        (["--data", data, "--out", out, "--resume", *same[:-4]], "--resume: checkpoint has max_length=48, this run 256"),
+        (["--data", other, "--out", out, "--resume", *same], f"--resume: the checkpoint was trained on {data}"),
+        (["--data", data, "--out", out, *same], f"--out {out} already holds a run (checkpoint.safetensors)"),
+        (["--data", data, "--out", out, "--resume", "--overwrite", *same], "choose one"),
+    ]
+    for argv, message in cases:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("gircse train: ") and message in err and err.count("\n") == 1, (argv, err)
+
+
 def test_methods_match_the_model_layer_and_parser_is_cheap():
     import subprocess
     import sys
