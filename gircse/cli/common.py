@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -44,17 +45,26 @@ def run_command(prog: str, func, args) -> int:
         return user_error(prog, error)
 
 
-def int_at_least(minimum: int):
-    """An argparse ``type``: an int >= ``minimum``, checked while parsing (before anything is loaded)."""
-    def parse(text: str) -> int:
+def number_in(convert, minimum, maximum=None):
+    """An argparse ``type``: an int or a finite float (``convert``) from ``minimum`` to ``maximum`` (None: no
+    upper bound), checked while parsing (before anything is loaded)."""
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {'an int' if convert is int else 'a number'} {bounds}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
     return parse
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type``: an int >= ``minimum``."""
+    return number_in(int, minimum)
 
 
 def check_device(device: str | None) -> None:
