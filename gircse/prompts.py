@@ -9,8 +9,8 @@ import torch
 
 from .validation import as_int, lone_surrogate
 
-__all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_prompt_style", "check_query_format",
-           "check_text",
+__all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_instruction", "check_prompt_style",
+           "check_query_format", "check_text",
            "format_input", "left_pad", "per_text_instructions", "reference_document_instruction",
            "to_left_padding", "token_ids", "validate_texts"]
 
@@ -106,17 +106,18 @@ def per_text_instructions(instruction, n: int) -> list[str | None]:
     An empty or whitespace-only instruction is an error, as in the server: it would embed
     ``"Instruct: \\nQuery: ..."``, neither the text alone nor an instructed query; pass None for no instruction."""
     if instruction is None or isinstance(instruction, str):
-        return [None if instruction is None else _check_instruction("instruction", instruction)] * n
+        return [None if instruction is None else check_instruction("instruction", instruction)] * n
     if isinstance(instruction, Sequence):
         instructions = list(instruction)
         if len(instructions) != n:
             raise ValueError(f"got {len(instructions)} instructions for {n} texts")
-        return [None if item is None else _check_instruction(f"instruction[{i}]", item)
+        return [None if item is None else check_instruction(f"instruction[{i}]", item)
                 for i, item in enumerate(instructions)]
     raise TypeError(f"instruction must be a str, a list of str/None, or None; got {type(instruction).__name__}")
 
 
-def _check_instruction(name: str, instruction) -> str:
+def check_instruction(name: str, instruction) -> str:
+    """An instruction: non-empty, not only whitespace, well-formed text; an error naming ``name`` otherwise."""
     if not isinstance(instruction, str):
         raise TypeError(f"{name} must be a str or None, got {type(instruction).__name__}")
     if not instruction.strip():

@@ -114,6 +114,17 @@ def check_model_options(args) -> None:
     check_device(args.device)
 
 
+def check_instruction_options(args) -> None:
+    """--instruction and --document-instruction, where the command has them: an empty one would embed
+    "Instruct: \\nQuery: ...", so it fails here, before the model loads."""
+    from ..prompts import check_instruction
+
+    for name in ("instruction", "document_instruction"):
+        value = getattr(args, name, None)
+        if value is not None:
+            check_instruction("--" + name.replace("_", "-"), value)
+
+
 def check_output_path(path: str, option: str = "--output", *, other_files: dict[str, str] | None = None) -> None:
     """A file path that can be written: not a directory, in an existing directory where a file can be
     created (tried: ``os.access`` says yes to root everywhere, and to /proc), and none of ``other_files``
@@ -174,6 +185,7 @@ def _load(args):
     import gircse
 
     check_model_options(args)
+    check_instruction_options(args)
     with _quiet_loading():
         if args.model in (None, "default"):
             return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,

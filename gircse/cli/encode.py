@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import _add_model_arguments, _load, check_model_options, check_output_path, int_at_least
+from .common import (_add_model_arguments, _load, check_instruction_options, check_model_options,
+                     check_output_path, int_at_least)
 
 
 def add_encode_parser(sub) -> None:
@@ -60,6 +61,7 @@ def run_encode(args) -> int:
     import numpy as np
 
     check_model_options(args)  # before reading stdin (``_load`` checks again; a small JSON read at most)
+    check_instruction_options(args)
     if args.output == "-":
         if sys.stdout.isatty():
             raise ValueError("stdout is a terminal; redirect it to a file or give --output FILE.npy")

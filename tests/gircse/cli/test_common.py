@@ -36,6 +36,8 @@ def test_every_model_command_checks_its_options_before_loading(tmp_path, capsys,
         (["eval", "--task", str(task), "--adapter", str(tmp_path)], "--adapter needs --model"),
         (["eval", "--task", str(task), "--output", str(tmp_path / "no-such-dir" / "r.json")], "does not exist"),
         (["scale", "--task", str(task), "--output", str(tmp_path)], "is a directory"),
+        (["eval", "--task", str(task), "--document-instruction", ""], "--document-instruction is empty"),
+        (["explain", "some text", "--instruction", "\t"], "--instruction is empty"),
     ]
     for argv, message in cases:
         assert cli.main(argv) == 2, argv

@@ -98,6 +98,7 @@ def test_option_errors_before_loading(tmp_path, capsys, no_model_loading):
         (["--output", "/proc/x.npy"], "--output /proc/x.npy: cannot be written"),
         (["--output", str(texts)], "--output {t} is the same file as --input".format(t=texts)),
         (["--input", str(tmp_path), "--output", str(tmp_path / "o.npy")], f"--input {tmp_path} is a directory"),
+        (["--instruction", " ", "--output", str(tmp_path / "o.npy")], "--instruction is empty (or only whitespace)"),
     ]
     for extra, message in cases:
         argv = ["encode", "--input", str(texts)] + extra

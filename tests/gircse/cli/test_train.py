@@ -69,9 +69,14 @@ def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_
     rows = make_rows(6)
     rows[4]["pos"] = []
     bad = write_rows(tmp_path / "bad.jsonl", rows)
+    latin = str(tmp_path / "latin.jsonl")
+    with open(latin, "wb") as f:
+        f.write(open(good, "rb").read().replace(b"\n", "\n{\"query\": \"caf\xe9\"}\n".encode("latin-1"), 1))
     out = str(tmp_path / "o")
     cases = [
         (["--data", str(tmp_path / "nope.jsonl")], "no such training data file"),
+        (["--data", str(tmp_path)], f"training data {tmp_path} is a directory"),
+        (["--data", latin], f"{latin}:2: not UTF-8 text"),
         (["--data", bad], "bad.jsonl:5: 'pos' needs at least 1 item"),
         (["--data", good, "--num-negatives", "3"], "good.jsonl:1: 2 hard negative(s), training asks for 3"),
         (["--data", good, "--max-steps", "0"], "max_steps must be >= 1"),
