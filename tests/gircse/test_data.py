@@ -99,7 +99,8 @@ def test_gz_that_is_not_gzip_or_is_cut_short_names_the_file(tmp_path):
     whole = gzip.compress(("\n".join(rows) + "\n").encode())
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(DataError, match=r"cut.jsonl.gz: not a readable gzip file after line \d+ \(Compressed file ended"):
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: not a readable gzip file after line \d+ "
+                                        r"\(Compressed file ended"):
         list(iter_rows(cut))
     with pytest.raises(IsADirectoryError, match="is a directory"):
         count_rows(tmp_path)

@@ -150,7 +150,8 @@ def test_non_finite_embeddings_are_an_error_not_a_vector(make_tiny, bad):
     with torch.no_grad():
         model.model.model.norm.weight[3] = bad
     for kwargs in ({}, {"normalize_embeddings": False}, {"return_all_steps": True}, {"batch_size": 1}):
-        with pytest.raises(ValueError, match=r"non-finite \(NaN or infinite\) embedding for .*\(the first: texts\[\d\]\)"):
+        with pytest.raises(ValueError, match=r"non-finite \(NaN or infinite\) embedding for "
+                                             r".*\(the first: texts\[\d\]\)"):
             model.encode(TEXTS, **kwargs)
 
 

@@ -405,18 +405,24 @@ def test_model_failure_fails_only_its_request(tiny):
 
 
 # ---------------------------------------------------------------------- shutdown
+def _hold_two_requests(srv, model, pool):
+    """Two requests in flight while the model is held: ["a", "b"] in the model, ["c"] queued behind it."""
+    model.gate.clear()
+    in_model = pool.submit(srv.post, {"model": NAME, "input": ["a", "b"]})
+    assert model.entered.wait(30)
+    queued = pool.submit(srv.post, {"model": NAME, "input": ["c"]})
+    deadline = time.monotonic() + 30
+    while srv.batcher.outstanding < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return in_model, queued
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(tiny):
     model = InstrumentedModel(tiny)
     with serving(model, max_batch_size=2, max_wait_ms=0, warmup=False) as srv:
-        model.gate.clear()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running_now = pool.submit(srv.post, {"model": NAME, "input": ["a", "b"]})
-            assert model.entered.wait(30)
-            queued = pool.submit(srv.post, {"model": NAME, "input": ["c"]})
-            deadline = time.monotonic() + 30
-            while srv.batcher.outstanding < 3:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            running_now, queued = _hold_two_requests(srv, model, pool)
             srv.server.should_exit = True  # what uvicorn's SIGTERM / SIGINT handler does
             time.sleep(0.5)
             assert srv.thread.is_alive() and not running_now.done() and not queued.done()
@@ -435,15 +441,8 @@ def test_requests_open_after_the_graceful_timeout_get_503_shutting_down(tiny):
     and the log a traceback. Now: OpenAI's error shape, 503 shutting_down."""
     model = InstrumentedModel(tiny)
     with serving(model, graceful_timeout=1, max_batch_size=2, max_wait_ms=0, warmup=False) as srv:
-        model.gate.clear()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            in_model = pool.submit(srv.post, {"model": NAME, "input": ["a", "b"]})
-            assert model.entered.wait(30)
-            queued = pool.submit(srv.post, {"model": NAME, "input": ["c"]})
-            deadline = time.monotonic() + 30
-            while srv.batcher.outstanding < 3:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            in_model, queued = _hold_two_requests(srv, model, pool)
             srv.server.should_exit = True
             for pending in (in_model, queued):  # answered after ~1 s, while the model is still held
                 response = pending.result(timeout=30)

@@ -121,7 +121,8 @@ def test_cli_run_checks_before_loading(smollm2_tokenizer, tmp_path, capsys, monk
         (["--data", data, "--out", str(tmp_path / "new"), "--batch-size", "7"], "6 rows, fewer rows than one "
          "optimizer step needs (7 = batch_size 7 x 1 rank(s) x grad_accum 1)"),
         (["--data", data, "--out", str(tmp_path / "new"), "--resume", *same], "--resume: no checkpoint in"),
-        (["--data", data, "--out", out, "--resume", *same[:-4]], "--resume: checkpoint has max_length=48, this run 256"),
+        (["--data", data, "--out", out, "--resume", *same[:-4]],
+         "--resume: checkpoint has max_length=48, this run 256"),
         (["--data", other, "--out", out, "--resume", *same], f"--resume: the checkpoint was trained on {data}"),
         (["--data", data, "--out", out, *same], f"--out {out} already holds a run (checkpoint.safetensors)"),
         (["--data", data, "--out", out, "--resume", "--overwrite", *same], "choose one"),
