@@ -91,8 +91,6 @@ def _row_type(row: dict, where: str) -> str:
 def _validate(row: dict, kind: str, where: str) -> dict:
     instruction = row.get("instruction")
     if instruction is not None:
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise DataError(f"{where}: 'instruction' must be a non-empty string or absent, got {instruction!r:.60}")
         check_row_text(instruction, "'instruction'", where)
     if kind == "retrieval":
         return validate_row(row, where)
@@ -185,8 +183,8 @@ def _check_finite(name: str, values: torch.Tensor) -> torch.Tensor:
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) (NaN or infinite; the first at index "
-                         f"{where[0] if len(where) == 1 else list(where)}: {float(values[where])}); a NaN score "
-                         "has no rank and would be scored as if it had one")
+                         f"{where[0] if len(where) == 1 else list(where)}: {float(values[where])}); a NaN has no "
+                         "rank, and would be scored as if it had one")
     return values
 
 

@@ -330,8 +330,10 @@ def check_adapter_base(adapter_dir: str, base: str, gguf_file: str | None) -> No
     ggufs_differ = (source.endswith(CONFIG_FILE) and (recorded_gguf or default_gguf) != (gguf_file or default_gguf))
     if theirs == ours and not ggufs_differ:
         return
-    names = {theirs[0], ours[0]} if theirs is not None and ours is not None else set()
-    if names and names != {"directory", "hub id"} and names != {"directory", "smollm2-135m"}:
+    # Two names of one kind, or two names neither of which is a local directory, denote different models; a
+    # directory may hold a copy of a named model, and a recorded path that is gone cannot be compared.
+    kinds = (theirs[0], ours[0]) if theirs is not None and ours is not None else ()
+    if kinds and (kinds[0] == kinds[1] or "directory" not in kinds):
         raise ValueError(f"adapter {adapter_dir} was trained on {_describe(recorded, recorded_gguf)} ({source}), "
                          f"not on {_describe(base, gguf_file)}: its weights would change another model. Load it "
                          "on the base it names, or pass an adapter trained on this one")

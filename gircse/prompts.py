@@ -10,9 +10,8 @@ import torch
 from .validation import as_int, lone_surrogate
 
 __all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_instruction", "check_prompt_style",
-           "check_query_format", "check_text",
-           "format_input", "left_pad", "per_text_instructions", "reference_document_instruction",
-           "to_left_padding", "token_ids", "validate_texts"]
+           "check_query_format", "check_text", "format_input", "left_pad", "per_text_instructions",
+           "reference_document_instruction", "to_left_padding", "token_ids", "validate_texts"]
 
 # The paper's query format; documents (and queries without an instruction) are the text alone.
 QUERY_FORMAT = "Instruct: {instruction}\nQuery: {text}"

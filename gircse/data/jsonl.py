@@ -34,7 +34,7 @@ def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     number = 0
     with (gzip.open if compressed else open)(path, "rb") as f:
         try:
-            for raw in f:  # bytes up to each b"\\n": decoded one line at a time, so an error names its line
+            for raw in f:  # bytes up to each b"\n": decoded one line at a time, so an error names its line
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
@@ -42,15 +42,16 @@ def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                                     f"{error.reason}); save the file as UTF-8") from None
                 pieces = text.replace("\r\n", "\n").split("\r")
                 if len(pieces) > 1 and pieces[-1] == "":
-                    pieces.pop()  # a final lone "\\r" ends the last line
+                    pieces.pop()  # a final lone "\r" ends the last line
                 for piece in pieces:
                     number += 1
                     yield number, piece
         except (OSError, EOFError, zlib.error) as error:
             if not compressed:
                 raise
-            raise DataError(f"{path}: not a readable gzip file after line {number} ({error}); a .gz name must "
-                            "hold gzip-compressed JSONL") from None
+            where = f"after line {number}" if number else "at its start"
+            raise DataError(f"{path}: not a readable gzip file {where} ({error}); a .gz name must hold "
+                            "gzip-compressed JSONL") from None
 
 
 def json_line(line: str, where: str):
@@ -114,8 +115,9 @@ def validate_row(row, where: str = "row") -> dict:
     instruction = row.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise DataError(f"{where}: 'instruction' must be a string or null, got {type(instruction).__name__}")
-    out["instruction"] = check_row_text(instruction, "'instruction'", where) if instruction and instruction.strip() \
-        else None
+    if instruction is not None and not instruction.strip():
+        instruction = None
+    out["instruction"] = None if instruction is None else check_row_text(instruction, "'instruction'", where)
     return out
 
 

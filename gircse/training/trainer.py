@@ -268,6 +268,7 @@ def check_training_file(path, config: TrainConfig) -> int:
 
 
 def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -279,13 +280,11 @@ def file_sha256(path: str) -> str:
 class RunPlan:
     """What a run into ``out`` will do, known before any model loads (:func:`plan_run`)."""
 
-    data: str
-    data_sha256: str          # the data file's identity: a resumed run must read the same bytes
+    data_sha256: str           # the data file's identity: a resumed run must read the same bytes
     rows_per_step: int
     total_steps: int
     warmup_steps: int
-    start_step: int           # 0, or the checkpoint's step when resuming
-    replaces: tuple[str, ...]  # files of an earlier run in ``out`` that --overwrite deletes
+    replaces: tuple[str, ...]  # an earlier run's files in ``out``, deleted when a fresh run starts
 
 
 def plan_run(data, out, config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -311,12 +310,12 @@ def plan_run(data, out, config: TrainConfig, *, resume: bool = False, overwrite:
         total = min(total, config.max_steps)
     sha256 = file_sha256(data)
     checkpoint = os.path.join(out, CHECKPOINT_FILE)
-    start, replaces = 0, ()
+    replaces = ()
     if resume:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"--resume: no checkpoint in {out} (no {CHECKPOINT_FILE}); nothing to continue, "
                                     "start the run without --resume")
-        start = _check_resumable(checkpoint, config, data, sha256, world_size)
+        _check_resumable(checkpoint, config, data, sha256, world_size)
     else:
         replaces = tuple(name for name in _RUN_FILES if os.path.isfile(os.path.join(out, name)))
         finished = [name for name in replaces if name not in (LOG_FILE, CONFIG_FILE)]  # a log alone: no checkpoint yet
@@ -324,12 +323,12 @@ def plan_run(data, out, config: TrainConfig, *, resume: bool = False, overwrite:
             raise FileExistsError(f"--out {out} already holds a run ({', '.join(finished)}); pass --resume to "
                                   "continue it, or --overwrite to start again and replace its checkpoint, log "
                                   "and model")
-    return RunPlan(data=data, data_sha256=sha256, rows_per_step=rows_per_step, total_steps=total,
-                   warmup_steps=math.ceil(config.warmup_ratio * total), start_step=start, replaces=replaces)
+    return RunPlan(data_sha256=sha256, rows_per_step=rows_per_step, total_steps=total,
+                   warmup_steps=math.ceil(config.warmup_ratio * total), replaces=replaces)
 
 
-def _check_resumable(checkpoint: str, config: TrainConfig, data: str, sha256: str, world_size: int) -> int:
-    """The checkpoint's step, after checking that it belongs to this run (options, ranks, data)."""
+def _check_resumable(checkpoint: str, config: TrainConfig, data: str, sha256: str, world_size: int) -> None:
+    """The checkpoint belongs to this run: the same options (but ``_RESUME_MAY_CHANGE``), ranks and data."""
     info = checkpoint_info(checkpoint)
     saved = info["config"]
     current = config.public()
@@ -348,7 +347,6 @@ def _check_resumable(checkpoint: str, config: TrainConfig, data: str, sha256: st
         raise ValueError(f"--resume: the checkpoint was trained on {info.get('data')} (sha256 "
                          f"{info['data_sha256'][:12]}...), this run's data {data} differs (sha256 {sha256[:12]}...); "
                          "resume with the same file")
-    return int(info["step"])
 
 
 def train(model, data: str, out: str, config: TrainConfig | None = None, *, resume: bool = False,
@@ -389,7 +387,7 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
             if rank == 0:
                 _rewrite_log(log_path, step)
         elif rank == 0:
-            for name in plan.replaces:  # an earlier run's files (only with overwrite, or a log without a checkpoint)
+            for name in plan.replaces:  # with overwrite, or a log left by a run killed before its first checkpoint
                 os.remove(os.path.join(out, name))
             with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
                 json.dump({**config.public(), "data": os.path.abspath(data), "data_sha256": plan.data_sha256,
