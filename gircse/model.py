@@ -17,7 +17,7 @@ from .generation import (base_causal_lm, check_k, generate_soft_tokens, pool_ste
 from .methods import METHODS, POOLING, check_method
 from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, check_query_format, left_pad,
                       reference_document_instruction, to_left_padding, token_ids, validate_texts)
-from .validation import as_int, as_path
+from .validation import as_bool, as_int, as_path
 
 __all__ = ["GIRCSE", "METHODS", "load_default"]
 
@@ -78,8 +78,8 @@ class GIRCSE(nn.Module):
         """
         name_or_path = loading.check_model_reference(name_or_path)
         adapter_dir = None if adapter is None else as_path("adapter", adapter)
-        if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, loading.ADAPTER_CONFIG_FILE)):
-            raise FileNotFoundError(f"adapter: no peft adapter in {adapter_dir} (no {loading.ADAPTER_CONFIG_FILE})")
+        if adapter_dir is not None:
+            loading.read_adapter_config(adapter_dir)  # there and parseable: its errors name the file
         k = None if k is None else check_k(k)
         max_length = None if max_length is None else as_int("max_length", max_length, minimum=2)
         method = None if method is None else check_method(method)
@@ -89,20 +89,20 @@ class GIRCSE(nn.Module):
         saved: dict = {}
         if loading.is_gircse_dir(name_or_path):
             saved = loading.read_config(name_or_path)  # validated: version, keys, formats
-            base = saved["base_model"]
-            if not os.path.isabs(base) and os.path.isdir(os.path.join(name_or_path, base)):
-                base = os.path.join(name_or_path, base)  # base weights saved inside the directory
+            base = loading.saved_base(name_or_path, saved)
             if adapter_dir is None:
                 adapter_dir = loading.saved_adapter_dir(name_or_path, saved)  # what the config promises
             base_ref = loading.check_model_reference(base, what=f"{name_or_path}'s base_model")
             gguf_file = gguf_file or saved.get("gguf_file")
         else:
             base_ref = name_or_path
+        if adapter is not None:  # chosen by the caller: it must have been trained on this base
+            loading.check_adapter_base(adapter_dir, base_ref, gguf_file)
+        if adapter_dir is not None:
+            loading.check_adapter_weights(adapter_dir)  # a file cut short fails before the base loads
         model, tokenizer = loading.load_base(base_ref, gguf_file=gguf_file, device=device, dtype=dtype)
         if adapter_dir is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_dir).to(device).eval()
+            model = _attach_adapter(model, adapter_dir, base_ref).to(device).eval()
         prompt_style = prompt_style or saved.get("prompt_style", "gircse")
         default_k = 5 if prompt_style == "reference" else 20  # the authors' adapters were trained at K=5
         return cls(model, tokenizer,
@@ -301,9 +301,18 @@ class GIRCSE(nn.Module):
         shipped adapter, down to 0.88 for the raw base model at K = 20). Guaranteed in every dtype: the
         same call repeats bit for bit, and with ``batch_size=1`` a text's embedding does not depend on
         the other texts.
+
+        A NaN or infinite embedding (broken weights, an fp16 overflow) is a ValueError naming the text,
+        never a returned vector: it would score as a perfect match in some metrics and is not valid JSON.
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)
+        normalize_embeddings = as_bool("normalize_embeddings", normalize_embeddings)
+        convert_to_numpy, convert_to_tensor = as_bool("convert_to_numpy", convert_to_numpy), as_bool(
+            "convert_to_tensor", convert_to_tensor)
+        return_all_steps = as_bool("return_all_steps", return_all_steps)
+        if show_progress_bar is not None:
+            show_progress_bar = as_bool("show_progress_bar", show_progress_bar)
         if prompt is not None:
             if instruction is not None:
                 raise ValueError("give either instruction= (formatted with the query format) or prompt= (a literal "
@@ -338,6 +347,7 @@ class GIRCSE(nn.Module):
                         batch = self._pad([sequences[i] for i in index])
                         emb = self.forward(**batch, k=k, return_all_steps=return_all_steps,
                                            prefill_rows=batch_size).float()
+                        _check_finite_embeddings(emb, index)
                         if normalize_embeddings:
                             emb = torch.nn.functional.normalize(emb, dim=-1)
                         out[torch.tensor(index)] = emb.cpu()
@@ -397,6 +407,32 @@ class GIRCSE(nn.Module):
         probs, ids = top_soft_token_probs(queries, ste, top)
         return [[(self.tokenizer.decode([int(t)]), float(p)) for p, t in zip(step_p, step_t)]
                 for step_p, step_t in zip(probs.tolist(), ids.tolist())]
+
+
+def _attach_adapter(model, adapter_dir: str, base: str):
+    """``PeftModel.from_pretrained``, with an adapter whose weights have other shapes than ``base``'s layers
+    (trained on another architecture or size) reported in one line naming both."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except RuntimeError as error:
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        raise ValueError(f"adapter {adapter_dir} does not fit base model {base!r}: {len(mismatches)} weight(s) "
+                         f"have other shapes (first: {mismatches[0]}); it was trained on another model") from None
+
+
+def _check_finite_embeddings(embeddings: torch.Tensor, index: list[int]) -> None:
+    """ValueError when a row of ``embeddings`` (texts ``index``, in that order) holds NaN or inf."""
+    finite = torch.isfinite(embeddings).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = sorted(index[i] for i in (~finite).nonzero()[:, 0].tolist())
+    raise ValueError(f"the model produced a non-finite (NaN or infinite) embedding for {len(bad)} text(s) of a "
+                     f"batch (the first: texts[{bad[0]}]); its weights or its dtype (an fp16 overflow) are "
+                     "broken, and no embedding is returned")
 
 
 def top_soft_token_probs(hidden: torch.Tensor, soft_token_embedding, top: int, chunk: int = 8192

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 
-from .validation import as_int
+from .validation import as_int, lone_surrogate
 
-__all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_prompt_style", "check_query_format",
-           "format_input", "left_pad", "per_text_instructions", "reference_document_instruction",
-           "to_left_padding", "token_ids", "validate_texts"]
+__all__ = ["PROMPT_STYLES", "QUERY_FORMAT", "REFERENCE_QUERY_FORMAT", "check_instruction", "check_prompt_style",
+           "check_query_format", "check_text", "format_input", "left_pad", "per_text_instructions",
+           "reference_document_instruction", "to_left_padding", "token_ids", "validate_texts"]
 
 # The paper's query format; documents (and queries without an instruction) are the text alone.
 QUERY_FORMAT = "Instruct: {instruction}\nQuery: {text}"
@@ -38,16 +39,29 @@ def reference_document_instruction(instruction: str | None) -> str | None:
     return None if "retrieve" in lowered and "semantic" not in lowered else instruction
 
 
+def check_text(name: str, text) -> str:
+    """A non-empty, well-formed str (no lone surrogate), or an error naming ``name``."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}: {text!r:.60}")
+    if not text.strip():
+        raise ValueError(f"{name} is empty (or only whitespace); an empty text has no embedding")
+    position = lone_surrogate(text)
+    if position is not None:
+        raise ValueError(f"{name} is not valid Unicode: a lone surrogate {text[position]!r} at character {position}")
+    return text
+
+
 def validate_texts(texts) -> list[str]:
-    """A list of non-empty strings, or a clear error naming the first bad item."""
+    """A list of non-empty strings, or a clear error naming the first bad item. An unordered collection
+    (a set, a dict) is refused: row i of the output must be the i-th text given."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+    if isinstance(texts, (AbstractSet, Mapping)):
+        raise TypeError(f"texts must be an ordered sequence (a list or tuple), got a {type(texts).__name__}: its "
+                        "order is not defined, so the rows of the output would match no particular text")
     texts = list(texts)  # tuples, numpy arrays of str, generators
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}: {text!r:.60}")
-        if not text.strip():
-            raise ValueError(f"texts[{index}] is empty (or only whitespace); an empty text has no embedding")
+        check_text(f"texts[{index}]", text)
     return [str(text) for text in texts]  # plain str (numpy.str_ and other subclasses)
 
 
@@ -87,15 +101,27 @@ def _truncate_text_tokens(ids: list[int], offsets: list[tuple[int, int]], prefix
 
 
 def per_text_instructions(instruction, n: int) -> list[str | None]:
-    """One instruction per text: a str (or None) applies to all; a list gives one each (None: no instruction)."""
+    """One instruction per text: a str (or None) applies to all; a list gives one each (None: no instruction).
+    An empty or whitespace-only instruction is an error, as in the server: it would embed
+    ``"Instruct: \\nQuery: ..."``, neither the text alone nor an instructed query; pass None for no instruction."""
     if instruction is None or isinstance(instruction, str):
-        return [instruction] * n
+        return [None if instruction is None else check_instruction("instruction", instruction)] * n
     if isinstance(instruction, Sequence):
         instructions = list(instruction)
         if len(instructions) != n:
             raise ValueError(f"got {len(instructions)} instructions for {n} texts")
-        return instructions
+        return [None if item is None else check_instruction(f"instruction[{i}]", item)
+                for i, item in enumerate(instructions)]
     raise TypeError(f"instruction must be a str, a list of str/None, or None; got {type(instruction).__name__}")
+
+
+def check_instruction(name: str, instruction) -> str:
+    """An instruction: non-empty, not only whitespace, well-formed text; an error naming ``name`` otherwise."""
+    if not isinstance(instruction, str):
+        raise TypeError(f"{name} must be a str or None, got {type(instruction).__name__}")
+    if not instruction.strip():
+        raise ValueError(f"{name} is empty (or only whitespace); pass None for no instruction")
+    return check_text(name, instruction)
 
 
 def token_ids(tokenizer, texts: list[str], instruction, max_length: int, *,

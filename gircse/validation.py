@@ -10,7 +10,8 @@ import math
 import numbers
 import os
 
-__all__ = ["as_bool", "as_float", "as_int", "as_path", "boolean", "integer", "one_of", "optional", "real"]
+__all__ = ["as_bool", "as_float", "as_int", "as_path", "boolean", "integer", "lone_surrogate", "one_of", "optional",
+           "real"]
 
 
 def as_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -62,6 +63,17 @@ def as_path(name: str, value) -> str:
     if not value:
         raise ValueError(f"{name} is an empty path")
     return value
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate (U+D800..U+DFFF) in ``text``, else None. JSON escapes such as
+    ``"\\ud800"`` and undecodable command-line bytes produce them; they are not text (no UTF-8 encoding),
+    and tokenizers fail on them deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
 
 
 def one_of(choices):

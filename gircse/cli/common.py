@@ -10,8 +10,10 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
+import tempfile
 
 from ..methods import METHODS
 
@@ -43,21 +45,31 @@ def run_command(prog: str, func, args) -> int:
         return user_error(prog, error)
 
 
-def int_at_least(minimum: int):
-    """An argparse ``type``: an int >= ``minimum``, checked while parsing (before anything is loaded)."""
-    def parse(text: str) -> int:
+def number_in(convert, minimum, maximum=None):
+    """An argparse ``type``: an int or a finite float (``convert``) from ``minimum`` to ``maximum`` (None: no
+    upper bound), checked while parsing (before anything is loaded)."""
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {'an int' if convert is int else 'a number'} {bounds}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
     return parse
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type``: an int >= ``minimum``."""
+    return number_in(int, minimum)
+
+
 def check_device(device: str | None) -> None:
-    """--device names a device torch knows and this machine has."""
+    """--device names a device that can run the model on this machine: cpu, or an available cuda / mps /
+    xpu device (``meta`` and the like hold no data: the model would fail after loading)."""
     if device is None:
         return
     import torch
@@ -66,8 +78,17 @@ def check_device(device: str | None) -> None:
         parsed = torch.device(device)
     except RuntimeError as error:
         raise ValueError(f"--device {device!r}: {error}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    if parsed.type == "cpu":
+        return
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+               "xpu": getattr(torch, "xpu", None)}.get(parsed.type)
+    if backend is None:
+        raise ValueError(f"--device {device!r}: not a device that runs models; use cpu, cuda[:N], mps or xpu")
+    if not backend.is_available():
+        raise ValueError(f"--device {device!r}: {parsed.type.upper()} is not available on this machine")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"--device {device!r}: this machine has {count} {parsed.type} device(s)")
 
 
 def check_model_options(args) -> None:
@@ -85,20 +106,57 @@ def check_model_options(args) -> None:
             loading.resolve_model_source(model)
         if loading.is_gircse_dir(model):
             loading.read_config(model)  # a malformed or inconsistent config fails here, not after loading
-    if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, loading.ADAPTER_CONFIG_FILE)):
-        raise FileNotFoundError(f"--adapter: no peft adapter in {args.adapter} (no {loading.ADAPTER_CONFIG_FILE})")
+    if args.adapter is not None:
+        if not os.path.isfile(os.path.join(args.adapter, loading.ADAPTER_CONFIG_FILE)):
+            raise FileNotFoundError(f"--adapter: no peft adapter in {args.adapter} (no {loading.ADAPTER_CONFIG_FILE})")
+        loading.read_adapter_config(args.adapter)  # malformed JSON: the error names the file
+        loading.check_adapter_weights(args.adapter)
     check_device(args.device)
 
 
-def check_output_path(path: str, option: str = "--output") -> None:
-    """A file path that can be written: not a directory, in an existing, writable directory."""
+def check_instruction_options(args) -> None:
+    """--instruction and --document-instruction, where the command has them: an empty one would embed
+    "Instruct: \\nQuery: ...", so it fails here, before the model loads."""
+    from ..prompts import check_instruction
+
+    for name in ("instruction", "document_instruction"):
+        value = getattr(args, name, None)
+        if value is not None:
+            check_instruction("--" + name.replace("_", "-"), value)
+
+
+def check_output_path(path: str, option: str = "--output", *, other_files: dict[str, str] | None = None) -> None:
+    """A file path that can be written: not a directory, in an existing directory where a file can be
+    created (tried: ``os.access`` says yes to root everywhere, and to /proc), and none of ``other_files``
+    (``{option: path}`` of the files the command reads or also writes)."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{option} {path} is a directory; name a file")
+    for other_option, other_path in (other_files or {}).items():
+        if other_path not in (None, "-") and same_file(path, other_path):
+            raise ValueError(f"{option} {path} is the same file as {other_option}: one would overwrite the other; "
+                             "name another file")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"{option} {path}: directory {parent} does not exist")
-    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
-        raise PermissionError(f"{option} {path}: not writable")
+    try:
+        if os.path.exists(path):
+            with open(path, "ab"):  # opened for writing, nothing written (the file is unchanged)
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+    except OSError as error:
+        raise PermissionError(f"{option} {path}: cannot be written ({error.strerror or error})") from None
+
+
+def same_file(a: str, b: str) -> bool:
+    """Do two paths name one file (the same path, a symlink to it, or a hard link)?"""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 @contextlib.contextmanager
@@ -127,6 +185,7 @@ def _load(args):
     import gircse
 
     check_model_options(args)
+    check_instruction_options(args)
     with _quiet_loading():
         if args.model in (None, "default"):
             return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import _add_model_arguments, _load, check_model_options, check_output_path, int_at_least
+from .common import (_add_model_arguments, _load, check_instruction_options, check_model_options,
+                     check_output_path, int_at_least)
 
 
 def add_encode_parser(sub) -> None:
@@ -34,6 +35,8 @@ def _read_lines(path: str) -> list[str]:
         data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
     else:
         name = path
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"--input {path} is a directory; name a text file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--input: no such file: {path}")
         with open(path, "rb") as f:  # bytes: text mode would turn a lone CR into a line break
@@ -58,11 +61,12 @@ def run_encode(args) -> int:
     import numpy as np
 
     check_model_options(args)  # before reading stdin (``_load`` checks again; a small JSON read at most)
+    check_instruction_options(args)
     if args.output == "-":
         if sys.stdout.isatty():
             raise ValueError("stdout is a terminal; redirect it to a file or give --output FILE.npy")
     else:
-        check_output_path(args.output)
+        check_output_path(args.output, other_files={"--input": args.input})
     texts = _read_lines(args.input)
     model = _load(args)
     vectors = model.encode(texts, args.instruction, batch_size=args.batch_size,

@@ -22,7 +22,7 @@ def run_eval(args) -> int:
 
     _check_batch_size("eval", args.batch_size)
     if args.output is not None:
-        check_output_path(args.output)  # before the evaluation, not after it
+        check_output_path(args.output, other_files={"--task": args.task})  # before the evaluation, not after it
     task = _load_task("eval", args.task)
     model = _load(args)
     result = evaluate(model, task, instruction=args.instruction, document_instruction=args.document_instruction,

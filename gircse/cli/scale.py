@@ -66,8 +66,9 @@ def run_scale(args) -> int:
     except ImportError:
         _fail("scale", "the plot needs matplotlib: pip install matplotlib")
     plot = args.plot or os.path.splitext(args.output)[0] + ".png"
-    check_output_path(args.output)
-    check_output_path(plot, "--plot")
+    check_output_path(args.output, other_files={"--task": args.task})
+    check_output_path(plot, "--plot" if args.plot else "--plot (--output with .png)",
+                      other_files={"--task": args.task, "--output": args.output})
     task = _load_task("scale", args.task)
     model = _load(args)
     if model.method != "gircse":

@@ -26,7 +26,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (checkpoint, log, trained model)")
     parser.add_argument("--method", choices=METHODS, default=d.method)
     parser.add_argument("--k", type=int, default=d.k, help="soft tokens generated during training")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT from its checkpoint.safetensors (same options and data file)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in an OUT that holds a run, replacing its checkpoint, log and model")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per rank per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
     parser.add_argument("--num-negatives", type=int, default=d.num_negatives, help="hard negatives per row")
@@ -93,25 +96,25 @@ def run_train(args) -> int:
 
     from .. import loading
     from ..model import GIRCSE
-    from ..training.trainer import check_training_file, train
+    from ..training.trainer import plan_run, train
 
-    # Everything that can be wrong is checked before the model loads: options, paths, every data row.
+    # Everything that can be wrong is checked before the model loads: options, paths, every data row, the
+    # run's fit in one step, what --out holds and, with --resume, that the checkpoint is this run's.
     config = config_from_args(args)
     data = args.data
     if data is None:
         from ..data.debian import shipped_path
 
         data = shipped_path("train.jsonl.gz")
-    check_training_file(data, config)
     loading.check_model_reference(args.model, what="--model")
     check_device(args.device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise FileExistsError(f"--out {args.out} is a file; name a directory")
+    plan_run(data, args.out, config, resume=args.resume, overwrite=args.overwrite,
+             world_size=int(os.environ.get("WORLD_SIZE", "1")))
     start = time.perf_counter()
     with _quiet_loading():
         model = GIRCSE.from_pretrained(args.model, method=config.method, k=config.k, device=args.device,
                                        dtype=args.dtype, max_length=config.max_length)
-    train(model, data, args.out, config, resume=args.resume)
+    train(model, data, args.out, config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"gircse train: {config.method} on {data} -> {args.out} in {time.perf_counter() - start:.0f} s",
               file=sys.stderr)

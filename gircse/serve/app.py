@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
-from .protocol import (APIError, Limits, check_positive_int, embeddings_response, parse_embedding_request,
-                       truncate_dimensions)
+from .protocol import (APIError, Limits, check_content_type, check_positive_int, embeddings_response,
+                       parse_embedding_request, truncate_dimensions)
 
 logger = logging.getLogger("gircse.serve")
 
@@ -152,6 +152,7 @@ def create_app(model, config: ServeConfig | None = None):
     async def embeddings(request: Request):
         loop = asyncio.get_running_loop()
         try:
+            check_content_type(request.headers.get("content-type"))
             batcher.check_capacity()  # a cheap refusal before reading anything when already full
             body = await _read_body(request, config.limits.max_body_bytes)
             parsed, lengths = await loop.run_in_executor(codec, prepare, body)
@@ -169,6 +170,12 @@ def create_app(model, config: ServeConfig | None = None):
             return answer_error(APIError(503, str(error), code="shutting_down"))
         except ClientDisconnect:
             return answer_error(APIError(400, "the client disconnected before sending the whole body"))
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still open when --graceful-timeout runs out; answered here, the
+            # client gets an OpenAI-shaped 503 instead of a plain-text 500 (and the log a traceback).
+            return answer_error(APIError(503, "the server is shutting down and its graceful timeout ran out "
+                                              "before this request was embedded; retry on another server",
+                                         code="shutting_down"))
         except Exception as error:  # a bug or a model failure: this request fails, the server stays up
             logger.exception("request failed")
             return answer_error(APIError(500, f"the server failed to embed this request: "

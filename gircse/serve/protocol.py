@@ -11,7 +11,7 @@ import base64
 import json
 from dataclasses import dataclass
 
-__all__ = ["APIError", "EmbeddingRequest", "Limits", "embeddings_response", "error_body",
+__all__ = ["APIError", "EmbeddingRequest", "Limits", "check_content_type", "embeddings_response", "error_body",
            "parse_embedding_request", "truncate_dimensions"]
 
 ENCODING_FORMATS = ("float", "base64")
@@ -73,6 +73,31 @@ def check_positive_int(name: str, value) -> int:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are distinct: with two ``"model"`` keys, json.loads would keep the last
+    silently, and another parser the first."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _invalid(f"the request body has the key {key!r:.60} twice; send each field once", None,
+                           "invalid_json")
+        seen[key] = value
+    return seen
+
+
+def check_content_type(content_type: str | None) -> None:
+    """The body must be JSON: a ``Content-Type`` header, when sent, must be ``application/json`` (or a
+    ``+json`` type) with no charset other than UTF-8 (RFC 8259), as OpenAI's API expects. No header: read as
+    JSON (a raw body). 415 otherwise."""
+    if content_type is None:
+        return
+    media_type, *parameters = [part.strip().lower() for part in content_type.split(";")]
+    charset = next((p.split("=", 1)[1].strip('" ') for p in parameters if p.startswith("charset=")), "utf-8")
+    if (media_type != "application/json" and not media_type.endswith("+json")) or charset not in ("utf-8", "utf8"):
+        raise APIError(415, f"Content-Type {content_type!r:.100} is not supported; send the body as JSON with "
+                            "Content-Type: application/json (UTF-8)", code="unsupported_media_type")
 
 
 def _invalid(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -141,8 +166,14 @@ def parse_embedding_request(body: bytes, *, model_name: str, embedding_dim: int,
     ambiguous and rejected.
     """
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        text = body.decode("utf-8")  # not json.loads(bytes), which would also take UTF-16 and UTF-32
+    except UnicodeDecodeError as error:
+        raise _invalid(f"the request body is not UTF-8 (byte {error.start}: {error.reason}); JSON requests must be "
+                       "UTF-8 (RFC 8259)", None, "invalid_json") from None
+    try:
+        payload = json.loads(text.removeprefix("\ufeff"), parse_constant=_reject_constant,
+                             object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as error:
         raise _invalid(f"the request body is not valid JSON: {error}", None, "invalid_json") from None
     if not isinstance(payload, dict):
         raise _invalid(f"the request body must be a JSON object, got {_json_type(payload)}", None, "invalid_json")
@@ -213,6 +244,9 @@ def embeddings_response(vectors, *, model_name: str, prompt_tokens: int, encodin
     import numpy as np
 
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    if not np.isfinite(vectors).all():  # json.dumps would write a bare NaN: not JSON, and no embedding
+        raise ValueError(f"{int((~np.isfinite(vectors)).any(axis=-1).sum())} embedding(s) are not finite (NaN or "
+                         "infinite)")
     if encoding_format == "base64":
         encoded = [base64.b64encode(vector.tobytes()).decode("ascii") for vector in vectors]
     else:
@@ -222,4 +256,4 @@ def embeddings_response(vectors, *, model_name: str, prompt_tokens: int, encodin
         "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(encoded)],
         "model": model_name,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }, separators=(",", ":")).encode("utf-8")
+    }, separators=(",", ":"), allow_nan=False).encode("utf-8")

@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..loading import check_safetensors
+
 __all__ = ["CHECKPOINT_FILE", "checkpoint_info", "load_checkpoint", "load_weights", "save_checkpoint"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -58,7 +60,9 @@ def _restore_weights(f, path: str, named_params: dict[str, torch.Tensor]) -> Non
 
 
 def checkpoint_info(path: str) -> dict:
-    """The ``info`` dict of a checkpoint (step, rows consumed, training config, ...), without its tensors."""
+    """The ``info`` dict of a checkpoint (step, rows consumed, training config, data checksum, ...), without
+    its tensors. A file cut short is a ValueError naming it."""
+    check_safetensors(path, "checkpoint")
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != FORMAT:

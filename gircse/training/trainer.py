@@ -27,31 +27,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 from ..cpu_bf16 import warn_if_slow_bf16
 from ..data.jsonl import count_rows, iter_rows, json_line
+from ..loading import ADAPTER_FILES
+from ..loading import CONFIG_FILE as MODEL_CONFIG_FILE
 from ..losses import icr_loss
 from ..validation import as_path
 from . import distributed as D
 from .checkpoint import CHECKPOINT_FILE, checkpoint_info, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainConfig", "apply_lora", "batch_gradients", "check_training_file", "embed_texts",
-           "frozen_linear_weights_in_bf16", "train", "trainable_parameters"]
+__all__ = ["RunPlan", "TrainConfig", "apply_lora", "batch_gradients", "check_training_file", "embed_texts",
+           "frozen_linear_weights_in_bf16", "plan_run", "train", "trainable_parameters"]
 
 LOG_FILE = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"
 # Options a resumed run may change; any other difference from the checkpoint's config is an error
 # (it would silently change the data order, the schedule or the objective).
 _RESUME_MAY_CHANGE = {"progress", "checkpoint_every", "log_every", "stop_at_step"}
+# What a run writes into its ``out`` (the trained model: gircse_config.json and the peft adapter).
+_RUN_FILES = (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE, MODEL_CONFIG_FILE) + ADAPTER_FILES
 
 
 # ---------------------------------------------------------------------- model preparation
@@ -262,27 +269,114 @@ def check_training_file(path, config: TrainConfig) -> int:
     """Validate every row of the training file (format, and ``config.num_negatives`` hard negatives per
     row) and return the row count: a bad row fails before the model is loaded, not at step 900."""
     path = as_path("data", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"training data {path} is a directory; name a JSONL(.gz) file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such training data file: {path}")
     return sum(1 for _ in iter_rows(path, min_neg=config.num_negatives))
 
 
-def train(model, data: str, out: str, config: TrainConfig | None = None, *, resume: bool = False, **overrides):
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run into ``out`` will do, known before any model loads (:func:`plan_run`)."""
+
+    data_sha256: str           # the data file's identity: a resumed run must read the same bytes
+    rows_per_step: int
+    total_steps: int
+    warmup_steps: int
+    replaces: tuple[str, ...]  # an earlier run's files in ``out``, deleted when a fresh run starts
+
+
+def plan_run(data, out, config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+             world_size: int = 1) -> RunPlan:
+    """Check a run before the model loads and say what it will do. Every data row is validated; the run
+    must fit one optimizer step; ``out`` must be a directory. Without ``resume``, an ``out`` that holds a
+    checkpointed or finished run (or another saved model) is refused unless ``overwrite``, which starts
+    again. With ``resume``, the checkpoint must exist, and its options, world size and data file (by
+    SHA-256 of its bytes: the same rows in the same order) must equal this run's."""
+    data, out = as_path("data", data), as_path("out", out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out} is a file; name a directory")
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it again; choose one")
+    n_rows = check_training_file(data, config)
+    rows_per_step = config.batch_size * world_size * config.grad_accum
+    steps_per_epoch = n_rows // rows_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{data}: {n_rows} rows, fewer rows than one optimizer step needs ({rows_per_step} = "
+                         f"batch_size {config.batch_size} x {world_size} rank(s) x grad_accum {config.grad_accum})")
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    sha256 = file_sha256(data)
+    checkpoint = os.path.join(out, CHECKPOINT_FILE)
+    replaces = ()
+    if resume:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"--resume: no checkpoint in {out} (no {CHECKPOINT_FILE}); nothing to continue, "
+                                    "start the run without --resume")
+        _check_resumable(checkpoint, config, data, sha256, world_size)
+    else:
+        replaces = tuple(name for name in _RUN_FILES if os.path.isfile(os.path.join(out, name)))
+        finished = [name for name in replaces if name not in (LOG_FILE, CONFIG_FILE)]  # a log alone: no checkpoint yet
+        if finished and not overwrite:
+            raise FileExistsError(f"--out {out} already holds a run ({', '.join(finished)}); pass --resume to "
+                                  "continue it, or --overwrite to start again and replace its checkpoint, log "
+                                  "and model")
+    return RunPlan(data_sha256=sha256, rows_per_step=rows_per_step, total_steps=total,
+                   warmup_steps=math.ceil(config.warmup_ratio * total), replaces=replaces)
+
+
+def _check_resumable(checkpoint: str, config: TrainConfig, data: str, sha256: str, world_size: int) -> None:
+    """The checkpoint belongs to this run: the same options (but ``_RESUME_MAY_CHANGE``), ranks and data."""
+    info = checkpoint_info(checkpoint)
+    saved = info["config"]
+    current = config.public()
+    defaults = TrainConfig().public()  # an option added after the checkpoint was written had its default
+    for key in sorted(set(saved) | set(current)):
+        if key in _RESUME_MAY_CHANGE:
+            continue
+        if saved.get(key, defaults.get(key)) != current.get(key):
+            raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)!r}, this run {current.get(key)!r}")
+    if info.get("world_size", 1) != world_size:
+        raise ValueError(f"--resume: checkpoint was written with {info.get('world_size')} ranks, now {world_size}")
+    if "data_sha256" not in info:
+        warnings.warn(f"gircse: {checkpoint} predates data checksums; that --data {data} is the file it was "
+                      "trained on cannot be checked", UserWarning, stacklevel=3)
+    elif info["data_sha256"] != sha256:
+        raise ValueError(f"--resume: the checkpoint was trained on {info.get('data')} (sha256 "
+                         f"{info['data_sha256'][:12]}...), this run's data {data} differs (sha256 {sha256[:12]}...); "
+                         "resume with the same file")
+
+
+def train(model, data: str, out: str, config: TrainConfig | None = None, *, resume: bool = False,
+          overwrite: bool = False, **overrides):
     """Train ``model`` (a ``GIRCSE`` or a name/path for ``GIRCSE.from_pretrained``) on a JSONL file.
 
     Writes to ``out``: ``checkpoint.safetensors`` (every ``checkpoint_every`` steps and at the end),
     ``train_log.jsonl`` (one line per step: loss, L_1..L_K, lr, seconds), ``train_config.json`` and, when
     the model has a base-model reference, the trained GIRCSE directory (``gircse_config.json`` + peft
     adapter; load with ``GIRCSE.from_pretrained(out)``). ``resume=True`` continues from the checkpoint
-    with the same data order, optimizer, scheduler and RNG. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
+    with the same data order, optimizer, scheduler and RNG; it needs the checkpoint, and the same options
+    and data file. A run into an ``out`` that holds a checkpointed or finished run needs ``resume`` or
+    ``overwrite`` (which replaces it); see :func:`plan_run`. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
     process group is initialized (gloo on CPU) and negatives span all ranks. Returns the model.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides).validate()
     data, out = as_path("data", data), as_path("out", out)
-    n_rows = check_training_file(data, config)
     owns_group = D.setup_from_env()
     world, rank = D.world_size(), D.rank()
     try:
+        plan = plan_run(data, out, config, resume=resume, overwrite=overwrite, world_size=world)
         model = apply_lora(_run_model(model, config), config)
         model.train()
         if config.gradient_checkpointing:
@@ -292,45 +386,28 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         params = trainable_parameters(model)
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
-        rows_per_step = config.batch_size * world * config.grad_accum
-        steps_per_epoch = n_rows // rows_per_step
-        if steps_per_epoch == 0:
-            raise ValueError(f"{data}: fewer rows than one optimizer step needs ({rows_per_step})")
-        total = steps_per_epoch * config.epochs
-        if config.max_steps is not None:
-            total = min(total, config.max_steps)
-        warmup = math.ceil(config.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
+        rows_per_step, total = plan.rows_per_step, plan.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(plan.warmup_steps, total))
         os.makedirs(out, exist_ok=True)
         ckpt_path, log_path = os.path.join(out, CHECKPOINT_FILE), os.path.join(out, LOG_FILE)
         step = 0
-        if resume and os.path.exists(ckpt_path):
-            info = load_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler)
-            saved = info["config"]
-            current = config.public()
-            defaults = TrainConfig().public()  # an option added after the checkpoint was written had its default
-            for key in sorted(set(saved) | set(current)):
-                if key in _RESUME_MAY_CHANGE:
-                    continue
-                if saved.get(key, defaults.get(key)) != current.get(key):
-                    raise ValueError(f"--resume: checkpoint has {key}={saved.get(key)!r}, this run {current.get(key)!r}")
-            if info.get("world_size", 1) != world:
-                raise ValueError(f"--resume: checkpoint was written with {info.get('world_size')} ranks, now {world}")
-            step = info["step"]
+        if resume:
+            step = load_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler)["step"]
             if rank == 0:
                 _rewrite_log(log_path, step)
         elif rank == 0:
-            if os.path.exists(log_path):
-                os.remove(log_path)
-            with open(os.path.join(out, "train_config.json"), "w", encoding="utf-8") as f:
-                json.dump({**config.public(), "data": os.path.abspath(data), "world_size": world,
-                           "total_steps": total, "warmup_steps": warmup}, f, indent=2)
+            for name in plan.replaces:  # with overwrite, or a log left by a run killed before its first checkpoint
+                os.remove(os.path.join(out, name))
+            with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump({**config.public(), "data": os.path.abspath(data), "data_sha256": plan.data_sha256,
+                           "world_size": world, "total_steps": total, "warmup_steps": plan.warmup_steps}, f, indent=2)
 
         def checkpoint():
             if rank == 0:
                 save_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler,
                                 info={"step": step, "rows_consumed": step * rows_per_step, "world_size": world,
-                                      "config": config.public(), "total_steps": total})
+                                      "config": config.public(), "total_steps": total,
+                                      "data": os.path.abspath(data), "data_sha256": plan.data_sha256})
             if D.is_distributed():
                 torch.distributed.barrier()
 

@@ -43,12 +43,67 @@ def test_iter_rows_valid_gz_and_skip(tmp_path):
     (json.dumps({"query": "q", "pos": [""]}), r"pos\[0\] must be a non-empty string"),
     (json.dumps({"query": "q", "pos": ["p"], "neg": [3]}), r"neg\[0\]"),
     (json.dumps({"query": "q", "pos": ["p"], "instruction": 5}), "'instruction' must be a string"),
+    # "neg" falsy but present is not "no negatives" (it used to become [] silently); null is
+    (json.dumps({"query": "q", "pos": ["p"], "neg": 0}), "'neg' must be a list of strings, got int 0"),
+    (json.dumps({"query": "q", "pos": ["p"], "neg": False}), "'neg' must be a list of strings, got bool"),
+    (json.dumps({"query": "q", "pos": ["p"], "neg": {}}), "'neg' must be a list of strings, got dict"),
+    (json.dumps({"query": "q", "pos": ["p"], "neg": ""}), r"neg\[0\] must be a non-empty string"),
+    (json.dumps({"query": "q", "pos": ["p", "x"], "neg": ["n", "x"]}), "'x' is in both 'pos' and 'neg'"),
+    ('{"query": "caf\\ud800e", "pos": ["p"]}', r"'query' is not valid Unicode: a lone surrogate '\\ud800'"),
+    ('{"query": "q", "pos": ["\\udcff"]}', r"pos\[0\] is not valid Unicode"),
+    ('{"query": "q", "pos": ["p"], "instruction": "Find \\ud800"}', r"'instruction' is not valid Unicode"),
 ])
 def test_iter_rows_errors_name_the_line(tmp_path, line, message):
     good = json.dumps({"query": "q", "pos": ["p"]})
     path = _write(tmp_path / "bad.jsonl", [good, good, line])
     with pytest.raises(DataError, match=rf"bad.jsonl:3: .*{message}"):
         list(iter_rows(path))
+
+
+def test_null_neg_and_blank_instruction_mean_none(tmp_path):
+    path = _write(tmp_path / "x.jsonl", [json.dumps({"query": "q", "pos": ["p"], "neg": None, "instruction": "  "})])
+    (row,) = iter_rows(path)
+    assert row["neg"] == [] and row["instruction"] is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"query": "caf\xe9", "pos": ["p"]}\n'.encode("latin-1"), r"x.jsonl:1: not UTF-8 text \(byte 14 of the line"),
+    (b'{"query": "q", "pos": ["p"]}\r{"query": "caf\xe9", "pos": ["p"]}\n', r"x.jsonl:1: not UTF-8"),
+])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, content, message):
+    """A latin-1 file was a bare UnicodeDecodeError ("'utf-8' codec can't decode ..."), naming no file."""
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"query": "q", "pos": ["p"]}\n' * 2 + content)
+    with pytest.raises(DataError, match=message.replace("x.jsonl:1", "x.jsonl:3")):
+        list(iter_rows(path))
+
+
+def test_lines_split_as_text_mode_does(tmp_path):
+    """"\\r\\n" and a lone "\\r" end lines, as in Python's text mode (the numbering errors refer to)."""
+    from gircse.data.jsonl import numbered_lines
+
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b"a\r\nb\rc\n\nd\r")
+    assert list(numbered_lines(path)) == [(1, "a\n"), (2, "b"), (3, "c\n"), (4, "\n"), (5, "d")]
+    with open(path, encoding="utf-8") as f:
+        assert [line.rstrip("\n") for line in f] == [line.rstrip("\n") for _, line in numbered_lines(path)]
+
+
+def test_gz_that_is_not_gzip_or_is_cut_short_names_the_file(tmp_path):
+    """A fake .gz was "Not a gzipped file (b'{\"')" and a truncated one an EOFError traceback, naming no file."""
+    rows = [json.dumps({"query": f"q{i}", "pos": ["p"]}) for i in range(3000)]
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"fake.jsonl.gz: not a readable gzip file at its start \(Not a gzipped file"):
+        count_rows(fake)
+    whole = gzip.compress(("\n".join(rows) + "\n").encode())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: not a readable gzip file after line \d+ "
+                                        r"\(Compressed file ended"):
+        list(iter_rows(cut))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        count_rows(tmp_path)
 
 
 def test_iter_rows_min_neg(tmp_path):

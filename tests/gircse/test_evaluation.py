@@ -73,6 +73,35 @@ def test_retrieval_metrics_reject_bad_relevance():
         ev.retrieval_metrics(torch.zeros(2, 3), [[0]])
 
 
+def test_retrieval_metrics_reject_a_document_listed_twice():
+    """Relevant ids are a set (MTEB's qrels map each document once): [0, 0] would count one hit twice
+    (nDCG@10 1.226); refused, and so are non-int ids."""
+    with pytest.raises(ValueError, match=r"relevant\[0\] lists document 0 more than once"):
+        ev.retrieval_metrics(np.array([[1.0, 0.0]]), [[0, 0]])
+    with pytest.raises(ValueError, match=r"relevant\[0\] must list .* \(ints\)"):
+        ev.retrieval_metrics(np.array([[1.0, 0.0]]), [[True]])
+    assert ev.retrieval_metrics(np.array([[1.0, 0.0]]), [[np.int64(0)]])["ndcg@10"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_metrics_refuse_non_finite_scores(bad):
+    """A NaN (or infinite) score has no rank: every metric is an error, not a score (NaN rows scored 1.0)."""
+    with pytest.raises(ValueError, match="scores has 1 non-finite value"):
+        ev.retrieval_metrics(np.array([[bad, 0.0], [0.0, 1.0]]), [[0], [1]])
+    with pytest.raises(ValueError, match="predicted has 1 non-finite"):
+        ev.spearman([1.0, bad, 3.0], [0, 1, 2])
+    with pytest.raises(ValueError, match="gold has 1 non-finite"):
+        ev.spearman([1.0, 2.0, 3.0], [0, bad, 2])
+    with pytest.raises(ValueError, match="scores has 1 non-finite"):
+        ev.average_precision([bad, 0.5], [1, 0])
+    embeddings = np.eye(4)
+    embeddings[2, 1] = bad
+    labels = ["a", "a", "b", "b"]
+    for metric in (ev.knn_accuracy, ev.logistic_regression_accuracy, ev.clustering_v_measure):
+        with pytest.raises(ValueError, match="embeddings has 1 non-finite value"):
+            metric(embeddings, labels)
+
+
 def test_spearman_against_scipy_and_constant():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
@@ -170,6 +199,14 @@ def test_load_task_types(tmp_path):
     ([{"text1": "a", "text2": "b", "score": "high"}], r":1: 'score' must be a finite number"),
     ([{"text1": "a", "text2": "b", "score": 1}, {"text1": "a", "text2": "b"}], r":2: missing 'score'"),
     ([{"text1": "a", "text2": "b", "label": 2}], r":1: 'label' must be 0 or 1"),
+    ([{"text1": "a", "text2": "b", "label": True}], r":1: 'label' must be 0 or 1 .* got True"),
+    ([{"text1": "a", "text2": "b", "label": 1.0}], r":1: 'label' must be 0 or 1"),
+    (['{"text1": "caf\\ud800e", "text2": "b", "score": 1}'], r":1: 'text1' is not valid Unicode: a lone surrogate"),
+    (['{"query": "q", "pos": ["d"]}', '{"corpus": ["ok", "\\udcff"]}'], r":2: corpus\[1\] is not valid Unicode"),
+    ([{"query": "q", "pos": ["d"], "neg": 0}], r":1: 'neg' must be a list of strings, got int"),
+    ([{"query": "q", "pos": ["d"], "neg": {}}], r":1: 'neg' must be a list of strings, got dict"),
+    ([{"query": "q", "pos": ["d", "e"], "neg": ["e"]}], r":1: 'e' is in both 'pos' and 'neg'"),
+    (['{"text": "a", "label": "x", "instruction": "\\ud800"}'], r":1: 'instruction' is not valid Unicode"),
     ([{"text1": "a", "text2": " ", "label": 1}], r":1: 'text2' must be a non-empty string"),
     ([{"text": "a", "label": 1}, {"text": "b", "label": None}], r":2: 'label' must be a non-empty string or an int"),
     ([{"text": "a", "label": 1}, {"text": "b", "label": "1"}], r":2: labels mix strings and ints"),
@@ -190,6 +227,20 @@ def test_load_task_errors_name_the_line(tmp_path, rows, message):
 def test_load_task_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.load_task(tmp_path / "nope.jsonl")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        ev.load_task(tmp_path)
+
+
+def test_load_task_file_errors_name_the_file(tmp_path):
+    """Not UTF-8 (a latin-1 file) and a .gz that is not gzip data: errors naming the file, not a bare codec error."""
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text1": "café", "text2": "b", "score": 1}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.jsonl:1: not UTF-8 text"):
+        ev.load_task(latin)
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text('{"text1": "a", "text2": "b", "score": 1}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"fake.jsonl.gz: not a readable gzip file"):
+        ev.load_task(fake)
 
 
 # ---------------------------------------------------------------------- evaluate

@@ -84,6 +84,8 @@ def test_load_checks_the_adapter_the_config_promises(tiny_base_dir, tmp_path):
 @pytest.mark.parametrize("change,message", [
     (dict(gircse_config_version=2), "written by a newer gircse"),
     (dict(gircse_config_version=0), "gircse_config_version must be 1"),
+    (dict(gircse_config_version=True), "gircse_config_version must be 1"),  # True == 1, but not a version
+    (dict(gircse_config_version=1.0), "gircse_config_version must be 1"),
     (dict(gircse_config_version=...), "missing 'gircse_config_version'"),
     (dict(method="mean"), "method must be"),
     (dict(k=0), "k must be an int >= 1"),
@@ -232,3 +234,120 @@ def test_dtype_names(tmp_path):
     for bad in ("int8", "float64", torch.int64, torch.float64, 3):
         with pytest.raises(ValueError, match="dtype must be"):
             loading.resolve_dtype(bad, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------- an adapter must meet its own base
+def _adapter_on(base_dir, out, tokenizer_of=None):
+    """A LoRA adapter saved by GIRCSE.save_pretrained against ``base_dir`` (gircse_config.json records it)."""
+    base = GIRCSE.from_pretrained(base_dir, k=2)
+    GIRCSE(_lora(base.model), base.tokenizer, k=2, base_model=str(base_dir)).save_pretrained(out)
+    return out
+
+
+def _peft_only(adapter_dir, out, base_model_name_or_path=...):
+    """The adapter's peft files alone (as peft or another tool writes them: no gircse_config.json)."""
+    out.mkdir()
+    config = json.loads((adapter_dir / loading.ADAPTER_CONFIG_FILE).read_text())
+    if base_model_name_or_path is not ...:
+        config["base_model_name_or_path"] = base_model_name_or_path
+    (out / loading.ADAPTER_CONFIG_FILE).write_text(json.dumps(config))
+    (out / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    return out
+
+
+def test_adapter_on_another_base_is_an_error_naming_both(tiny_base_dir, tmp_path, smollm2_tokenizer, monkeypatch):
+    """from_pretrained("B", adapter=<trained on A>) loaded without a word; the adapter's directory records
+    its base (gircse_config.json, else peft's base_model_name_or_path): another base by name is an error."""
+    from .conftest import tiny_causal_lm
+
+    other = tmp_path / "other-base"
+    tiny_causal_lm("llama", seed=1).save_pretrained(other)  # same architecture and shapes: peft would load it
+    smollm2_tokenizer.save_pretrained(other)
+    adapter = _adapter_on(tiny_base_dir, tmp_path / "adapter")
+    peft_only = _peft_only(adapter, tmp_path / "peft-only")
+    assert json.loads((peft_only / loading.ADAPTER_CONFIG_FILE).read_text())["base_model_name_or_path"] == str(
+        tiny_base_dir)  # what peft recorded
+    for adapter_dir, source in ((adapter, loading.CONFIG_FILE), (peft_only, loading.ADAPTER_CONFIG_FILE)):
+        with monkeypatch.context() as m:
+            m.setattr(loading, "load_base", lambda *a, **k: pytest.fail("loaded before the check"))
+            with pytest.raises(ValueError, match=f"adapter {adapter_dir} was trained on '{tiny_base_dir}' "
+                                                 f"\\({adapter_dir / source}\\), not on '{other}'"):
+                GIRCSE.from_pretrained(other, adapter=adapter_dir)
+        assert hasattr(GIRCSE.from_pretrained(tiny_base_dir, adapter=adapter_dir).model, "peft_config")
+    # a saved GIRCSE directory as the model: its own base is compared
+    _adapter_on(other, tmp_path / "saved-on-other")
+    with pytest.raises(ValueError, match="not on '.*other-base'"):
+        GIRCSE.from_pretrained(tmp_path / "saved-on-other", adapter=adapter)
+
+
+def test_adapter_base_by_name(tmp_path):
+    """Names that denote different models are an error; spellings of one model are not."""
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+
+    def recorded(base, gguf_file=None):
+        (adapter / loading.CONFIG_FILE).write_text(json.dumps({
+            "gircse_config_version": 1, "base_model": base, "gguf_file": gguf_file, "method": "gircse", "k": 2,
+            "max_length": 64, "query_format": "Instruct: {instruction}\nQuery: {text}", "adapter": True}))
+
+    recorded("smollm2-135m")
+    with pytest.raises(ValueError, match="trained on 'smollm2-135m' .* not on 'HuggingFaceTB/SmolLM2-135M'"):
+        loading.check_adapter_base(str(adapter), "HuggingFaceTB/SmolLM2-135M", None)
+    loading.check_adapter_base(str(adapter), "SmolLM2", None)  # an alias of the same model
+    loading.check_adapter_base(str(adapter), "smollm2-135m", loading.SMOLLM2_GGUF)  # its default GGUF, named
+    smollm2_dir = loading.resolve_model_source("smollm2-135m")[0]
+    loading.check_adapter_base(str(adapter), smollm2_dir, None)  # the package directory peft records
+    with pytest.raises(ValueError, match="gguf_file 'other.gguf'"):
+        loading.check_adapter_base(str(adapter), "smollm2-135m", "other.gguf")
+    recorded("org/model-a")
+    with pytest.raises(ValueError, match="trained on 'org/model-a' .* not on 'org/model-b'"):
+        loading.check_adapter_base(str(adapter), "org/model-b", None)
+
+
+def test_adapter_base_that_cannot_be_told_warns(tiny_base_dir, tmp_path):
+    """A warning, not an error, where names cannot settle it: nothing recorded, a recorded path that is gone,
+    a hub id against a local directory (which may be its download)."""
+    adapter = _adapter_on(tiny_base_dir, tmp_path / "adapter")
+    cases = [(None, "records no base model"), (str(tmp_path / "moved-away"), "cannot be told from the names"),
+             ("org/tiny-llama", "cannot be told from the names")]
+    for i, (recorded, message) in enumerate(cases):
+        peft_only = _peft_only(adapter, tmp_path / f"peft-{i}", base_model_name_or_path=recorded)
+        with pytest.warns(UserWarning, match=message):
+            model = GIRCSE.from_pretrained(tiny_base_dir, adapter=peft_only)
+        assert hasattr(model.model, "peft_config")
+
+
+def test_adapter_files_that_are_broken_fail_before_the_base_loads(tiny_base_dir, tmp_path, monkeypatch):
+    """A corrupt adapter_config.json (peft's error named no file) and adapter weights cut short (a
+    SafetensorError after the base model had loaded) are one error each, naming the file."""
+    adapter = _adapter_on(tiny_base_dir, tmp_path / "adapter")
+    monkeypatch.setattr(loading, "load_base", lambda *a, **k: pytest.fail("the base loaded before the check"))
+    weights = adapter / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) - 100])
+    with pytest.raises(ValueError, match=f"adapter weights {weights} is not a complete safetensors file"):
+        GIRCSE.from_pretrained(tiny_base_dir, adapter=adapter)
+    with pytest.raises(ValueError, match=f"adapter weights {weights} is not a complete safetensors file"):
+        GIRCSE.from_pretrained(adapter)  # its own adapter, as the config promises
+    weights.write_bytes(whole)
+    peft_only = _peft_only(adapter, tmp_path / "peft-only")
+    (peft_only / loading.ADAPTER_CONFIG_FILE).write_text('{"r": 4,')
+    with pytest.raises(ValueError, match=f"{peft_only / loading.ADAPTER_CONFIG_FILE}: invalid JSON"):
+        GIRCSE.from_pretrained(tiny_base_dir, adapter=peft_only)
+
+
+def test_adapter_of_another_shape_is_one_line_naming_both(tiny_base_dir, tmp_path, smollm2_tokenizer):
+    """An adapter whose weights do not fit (another hidden size) was a multi-line RuntimeError from peft."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = tmp_path / "wide-base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(wide)
+    smollm2_tokenizer.save_pretrained(wide)
+    adapter = _adapter_on(wide, tmp_path / "wide-adapter")
+    unrecorded = _peft_only(adapter, tmp_path / "unrecorded", base_model_name_or_path=None)
+    with pytest.warns(UserWarning, match="records no base model"):
+        with pytest.raises(ValueError, match=f"adapter {unrecorded} does not fit base model '{tiny_base_dir}': "
+                                             r"\d+ weight\(s\) have other shapes \(first: size mismatch for") as error:
+            GIRCSE.from_pretrained(tiny_base_dir, adapter=unrecorded)
+    assert "\n" not in str(error.value)

@@ -113,6 +113,48 @@ def test_input_errors(make_tiny):
         model.encode(["ok"], instruction=5)
 
 
+def test_inputs_that_would_embed_something_else_are_refused(make_tiny):
+    """Each of these used to embed without a word: an empty instruction ("Instruct: \\nQuery: rain", as
+    the server refuses it), a set (no order: row i matches no particular text), a truthy non-bool flag
+    ("no" normalized), a lone surrogate (a TypeError deep inside the tokenizer)."""
+    model = make_tiny("llama", k=2)
+    for empty in ("", "   ", "\n"):
+        with pytest.raises(ValueError, match="instruction is empty .* pass None for no instruction"):
+            model.encode("rain", empty)
+    with pytest.raises(ValueError, match=r"instruction\[1\] is empty"):
+        model.encode(["rain", "snow"], ["Find it", " "])
+    with pytest.raises(TypeError, match="ordered sequence .* got a set"):
+        model.encode({"rain", "snow"})
+    with pytest.raises(TypeError, match="ordered sequence .* got a frozenset"):
+        model.encode(frozenset({"rain"}))
+    with pytest.raises(TypeError, match="ordered sequence .* got a dict"):
+        model.encode({"rain": 1})
+    for flag in ("normalize_embeddings", "convert_to_numpy", "convert_to_tensor", "return_all_steps",
+                 "show_progress_bar"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got str 'no'"):
+            model.encode(["rain"], **{flag: "no"})
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode: a lone surrogate '\\ud800' at character 3"):
+        model.encode(["rain", "caf\ud800e"])
+    with pytest.raises(ValueError, match=r"instruction is not valid Unicode"):
+        model.encode(["rain"], "Find \udcff")
+    with pytest.raises(ValueError, match=r"texts\[0\] is not valid Unicode"):
+        model.explain("caf\ud800e")
+    np.testing.assert_array_equal(model.encode(("rain", "snow")), model.encode(["rain", "snow"]))  # ordered: fine
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_an_error_not_a_vector(make_tiny, bad):
+    """A broken model (here a NaN / inf final-norm weight) gives no embeddings at all: a ValueError naming
+    the first text, not NaN rows that a metric would score or a server would write as bare NaN."""
+    model = make_tiny("llama", k=2)
+    with torch.no_grad():
+        model.model.model.norm.weight[3] = bad
+    for kwargs in ({}, {"normalize_embeddings": False}, {"return_all_steps": True}, {"batch_size": 1}):
+        with pytest.raises(ValueError, match=r"non-finite \(NaN or infinite\) embedding for "
+                                             r".*\(the first: texts\[\d\]\)"):
+            model.encode(TEXTS, **kwargs)
+
+
 @pytest.mark.parametrize("prompt_style", ["gircse", "reference"])
 @pytest.mark.parametrize("method", ["gircse", "causal-eos", "bidirectional-avg"])
 def test_count_tokens_is_what_the_model_reads(make_tiny, method, prompt_style):

@@ -88,7 +88,7 @@ class Running:
 
 
 @contextlib.contextmanager
-def serving(model, **config):
+def serving(model, graceful_timeout=None, **config):
     """uvicorn in a thread on 127.0.0.1:<free port>; on exit the same graceful stop as SIGTERM."""
     config.setdefault("model_name", NAME)
     config.setdefault("limits", LIMITS)
@@ -96,7 +96,8 @@ def serving(model, **config):
     config.setdefault("max_queue_texts", 64)
     app = create_app(model, ServeConfig(**config))
     sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=graceful_timeout))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -310,6 +311,46 @@ def test_bad_request_gets_openai_error(running, body, status, param, code, words
     assert words in _error(running.post(content=body.encode("utf-8")), status, param, code)
 
 
+def test_body_must_be_json_in_utf8_with_distinct_keys(running, tiny):
+    """Decided (OpenAI's API takes JSON): a UTF-16 body, two "model" keys (json.loads kept the last) and a
+    non-JSON Content-Type were accepted; now 400, 400 and 415. No Content-Type header reads the body as
+    JSON, and a UTF-8 byte order mark is ignored (RFC 8259 allows it)."""
+    body = json.dumps({"model": NAME, "input": "rain"})
+    message = _error(running.post(content=body.encode("utf-16")), 400, None, "invalid_json")
+    assert "not UTF-8" in message and "RFC 8259" in message
+    _error(running.post(content=body.encode("utf-16-le")), 400, None, "invalid_json")
+    twice = '{"model": "other", "input": "rain", "model": "%s"}' % NAME
+    assert "the key 'model' twice" in _error(running.post(content=twice.encode()), 400, None, "invalid_json")
+    nested = '{"model": "%s", "input": "rain", "user": "u", "instruction": "a", "instruction": "b"}' % NAME
+    assert "the key 'instruction' twice" in _error(running.post(content=nested.encode()), 400, None, "invalid_json")
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/json; charset=utf-16"):
+        refused = running.post(content=body.encode(), headers={"Content-Type": content_type})
+        assert "application/json" in _error(refused, 415, None, "unsupported_media_type")
+    expected = tiny.encode(["rain"])
+    for content_type in ("application/json", "application/json; charset=UTF-8", "application/vnd.api+json"):
+        accepted = running.post(content=body.encode(), headers={"Content-Type": content_type})
+        np.testing.assert_allclose(vectors_of(accepted), expected, **TOL)
+    np.testing.assert_allclose(vectors_of(running.post(content=b"\xef\xbb\xbf" + body.encode())), expected, **TOL)
+
+
+def test_non_finite_embeddings_are_a_500_not_bare_nan(tiny):
+    """A model giving NaN: encode raises, so the request gets an OpenAI-shaped 500 (it was a 200 with bare NaN,
+    which is not JSON); and the response writer refuses non-finite vectors from any model."""
+    import torch
+
+    from gircse.serve.protocol import embeddings_response
+
+    broken = GIRCSE(tiny_causal_lm("llama"), tiny.tokenizer, k=3, max_length=32)
+    with torch.no_grad():
+        broken.model.model.norm.weight[0] = float("nan")
+    with serving(broken, warmup=False) as srv:
+        message = _error(srv.post({"model": NAME, "input": ["rain", "snow"]}), 500, None, "internal_error")
+        assert "non-finite (NaN or infinite) embedding" in message
+    with pytest.raises(ValueError, match="1 embedding\\(s\\) are not finite"):
+        embeddings_response(np.array([[0.0, 1.0], [np.nan, 0.0]]), model_name=NAME, prompt_tokens=2,
+                            encoding_format="float")
+
+
 def test_bad_bytes_size_and_routes(running, tiny):
     _error(running.post(content=b'{"model": "tiny", "input": "\xff\xfe"}'), 400, None, "invalid_json")
     big = _body(input="x" * 5000).encode()
@@ -364,18 +405,24 @@ def test_model_failure_fails_only_its_request(tiny):
 
 
 # ---------------------------------------------------------------------- shutdown
+def _hold_two_requests(srv, model, pool):
+    """Two requests in flight while the model is held: ["a", "b"] in the model, ["c"] queued behind it."""
+    model.gate.clear()
+    in_model = pool.submit(srv.post, {"model": NAME, "input": ["a", "b"]})
+    assert model.entered.wait(30)
+    queued = pool.submit(srv.post, {"model": NAME, "input": ["c"]})
+    deadline = time.monotonic() + 30
+    while srv.batcher.outstanding < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return in_model, queued
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(tiny):
     model = InstrumentedModel(tiny)
     with serving(model, max_batch_size=2, max_wait_ms=0, warmup=False) as srv:
-        model.gate.clear()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running_now = pool.submit(srv.post, {"model": NAME, "input": ["a", "b"]})
-            assert model.entered.wait(30)
-            queued = pool.submit(srv.post, {"model": NAME, "input": ["c"]})
-            deadline = time.monotonic() + 30
-            while srv.batcher.outstanding < 3:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            running_now, queued = _hold_two_requests(srv, model, pool)
             srv.server.should_exit = True  # what uvicorn's SIGTERM / SIGINT handler does
             time.sleep(0.5)
             assert srv.thread.is_alive() and not running_now.done() and not queued.done()
@@ -387,6 +434,23 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny):
         srv.thread.join(60)
         assert not srv.thread.is_alive()
         assert srv.batcher.closing and srv.batcher.outstanding == 0
+
+
+def test_requests_open_after_the_graceful_timeout_get_503_shutting_down(tiny):
+    """uvicorn cancels the requests still open when the graceful timeout runs out; they got a plain-text 500
+    and the log a traceback. Now: OpenAI's error shape, 503 shutting_down."""
+    model = InstrumentedModel(tiny)
+    with serving(model, graceful_timeout=1, max_batch_size=2, max_wait_ms=0, warmup=False) as srv:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            in_model, queued = _hold_two_requests(srv, model, pool)
+            srv.server.should_exit = True
+            for pending in (in_model, queued):  # answered after ~1 s, while the model is still held
+                response = pending.result(timeout=30)
+                assert response.headers["content-type"] == "application/json"
+                assert "graceful timeout" in _error(response, 503, None, "shutting_down")
+            model.gate.set()
+        srv.thread.join(60)
+        assert not srv.thread.is_alive()
 
 
 def test_cli_serve_sigterm_finishes_in_flight_request(tmp_path, tiny):
@@ -427,7 +491,7 @@ def test_cli_serve_sigterm_finishes_in_flight_request(tmp_path, tiny):
             response = pending.result()
         assert queued > 0  # SIGTERM arrived mid-request
         np.testing.assert_allclose(vectors_of(response), tiny.encode(texts), **TOL)
-        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful exit
+        assert proc.wait(60) == 0  # a handled SIGTERM is a normal exit (uvicorn's re-raised signal is absorbed)
         reader.join(10)
         log = "".join(lines)
         assert "gircse serve: stopped" in log and "Traceback" not in log, log[-3000:]
@@ -437,15 +501,28 @@ def test_cli_serve_sigterm_finishes_in_flight_request(tmp_path, tiny):
             proc.wait()
 
 
-def test_cli_rejects_bad_settings(tiny, tmp_path):
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch-size", "0"], "argument --max-batch-size: must be >= 1, got 0"),
+    (["--port", "70000"], "argument --port: must be from 0 to 65535, got 70000"),
+    (["--max-wait-ms", "-1"], "argument --max-wait-ms: must be from 0 to 60000, got -1.0"),
+    (["--max-wait-ms", "nan"], "argument --max-wait-ms: must be from 0 to 60000, got nan"),
+    (["--max-body-bytes", "0"], "argument --max-body-bytes: must be >= 1, got 0"),
+    (["--max-input-chars", "-1"], "argument --max-input-chars: must be >= 1, got -1"),
+    (["--graceful-timeout", "-5"], "argument --graceful-timeout: must be >= 0, got -5"),
+    (["--max-queue-texts", "10"], "max_queue_texts (10) must be >= max_inputs_per_request (256)"),
+    (["--max-queue-texts", "4", "--max-inputs-per-request", "8"], "max_queue_texts (4) must be >= max_inputs"),
+    (["--query-instruction", " "], "query_instruction must be a non-empty str or None, got ' '"),
+])
+def test_cli_rejects_bad_settings_in_one_line_exit_2(argv, message, capsys, no_model_loading):
+    """They exited 1 (SystemExit with a message); the CLI contract is one line, status 2, before loading."""
     from gircse import cli
 
-    with pytest.raises(SystemExit, match="max_batch_size must be an int >= 1"):
-        cli.main(["serve", "--model", "unused", "--max-batch-size", "0"])
-    with pytest.raises(SystemExit, match="max_queue_texts .* must be >= max_inputs_per_request"):
-        cli.main(["serve", "--model", "unused", "--max-queue-texts", "4", "--max-inputs-per-request", "8"])
-    with pytest.raises(SystemExit, match="max_wait_ms"):
-        cli.main(["serve", "--model", "unused", "--max-wait-ms", "-1"])
+    try:
+        status = cli.main(["serve", "--model", "unused", *argv])
+    except SystemExit as exit_info:  # errors of the parser itself
+        status = exit_info.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("gircse serve: ") and message in err and err.count("\n") == 1, err
     args = cli.build_parser().parse_args(["serve", "--model", "m", "--port", "0"])
     assert args.func.__name__ == "run_serve" and args.max_batch_size == 32 and args.max_wait_ms == 5.0
 

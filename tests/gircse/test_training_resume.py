@@ -19,8 +19,8 @@ def run(tokenizer, data, out, **kw):
     from tests.gircse.conftest import tiny_causal_lm
 
     model = GIRCSE(tiny_causal_lm("llama", seed=0), tokenizer, k=2, max_length=48)
-    resume = kw.pop("resume", False)
-    return train(model, data, out, TrainConfig(**CFG, **kw), resume=resume)
+    resume, overwrite = kw.pop("resume", False), kw.pop("overwrite", False)
+    return train(model, data, out, TrainConfig(**{**CFG, **kw}), resume=resume, overwrite=overwrite)
 
 
 def _tensors(path):
@@ -110,6 +110,88 @@ def _resume_with(tokenizer, data, out):
 
     model = GIRCSE(tiny_causal_lm("llama", seed=0), tokenizer, k=2, max_length=48)
     train(model, data, out, TrainConfig(**{**CFG, "batch_size": 1}), resume=True)
+
+
+def test_resume_needs_the_same_data_file(smollm2_tokenizer, tmp_path):
+    """--resume with another --data trained on the other file and kept the old name in train_config.json:
+    the data file's bytes (SHA-256) are part of the run, like its options. The same bytes elsewhere resume."""
+    import pytest
+
+    from .test_training import make_rows, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", make_rows(11, seed=7))
+    other = write_rows(tmp_path / "other.jsonl", make_rows(11, seed=8))
+    out = str(tmp_path / "run")
+    run(smollm2_tokenizer, data, out, stop_at_step=2)
+    recorded = json.load(open(os.path.join(out, "train_config.json")))
+    assert recorded["data"] == data and len(recorded["data_sha256"]) == 64
+    with pytest.raises(ValueError, match=f"--resume: the checkpoint was trained on {data} .*, this run's data "
+                                         f"{other} differs"):
+        run(smollm2_tokenizer, other, out, resume=True)
+    assert [e["step"] for e in open_log(out)] == [1, 2]  # untouched
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(open(data, "rb").read())
+    run(smollm2_tokenizer, str(moved), out, resume=True)
+    assert [e["step"] for e in open_log(out)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_without_a_checkpoint_is_an_error(smollm2_tokenizer, tmp_path):
+    """It used to start from scratch silently (a typo in --out, a run killed before its first checkpoint)."""
+    import pytest
+
+    from .test_training import make_rows, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", make_rows(4))
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint in .*nothing to continue"):
+        run(smollm2_tokenizer, data, str(tmp_path / "typo"), resume=True)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_second_run_into_a_run_needs_resume_or_overwrite(smollm2_tokenizer, tmp_path):
+    """A second run into a finished or checkpointed --out overwrote its checkpoint, log and adapter: refused
+    unless overwrite=True, which starts again (the old run's files replaced). A log without a checkpoint (a
+    run killed before its first) is no run to keep."""
+    import pytest
+
+    from gircse.training.checkpoint import checkpoint_info
+
+    from .test_training import make_rows, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", make_rows(11, seed=7))
+    finished, paused = str(tmp_path / "finished"), str(tmp_path / "paused")
+    run(smollm2_tokenizer, data, finished)
+    run(smollm2_tokenizer, data, paused, stop_at_step=2)
+    for out in (finished, paused):
+        before = {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
+        with pytest.raises(FileExistsError, match=f"--out {out} already holds a run \\(checkpoint.safetensors"):
+            run(smollm2_tokenizer, data, out, lr=1e-3)
+        assert {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))} == before
+    with pytest.raises(ValueError, match="choose one"):
+        run(smollm2_tokenizer, data, finished, resume=True, overwrite=True)
+    run(smollm2_tokenizer, data, finished, lr=1e-3, max_steps=1, overwrite=True)
+    assert [e["step"] for e in open_log(finished)] == [1]
+    assert json.load(open(os.path.join(finished, "train_config.json")))["lr"] == 1e-3
+    info = checkpoint_info(os.path.join(finished, "checkpoint.safetensors"))
+    assert info["step"] == 1 and info["config"]["lr"] == 1e-3
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "train_log.jsonl").write_text('{"step": 1}\n')
+    run(smollm2_tokenizer, data, str(killed), max_steps=1)
+    assert [e["step"] for e in open_log(str(killed))] == [1]
+
+
+def test_resume_from_a_checkpoint_cut_short_names_it(smollm2_tokenizer, tmp_path):
+    import pytest
+
+    from .test_training import make_rows, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", make_rows(4))
+    out = tmp_path / "run"
+    run(smollm2_tokenizer, data, str(out), max_steps=1)
+    checkpoint = out / "checkpoint.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=f"checkpoint {checkpoint} is not a complete safetensors file"):
+        run(smollm2_tokenizer, data, str(out), max_steps=1, resume=True)
 
 
 if __name__ == "__main__":

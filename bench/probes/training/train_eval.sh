@@ -5,8 +5,9 @@
 #
 # RUN: the run directory (`--out`: model, checkpoint, train_config.json, train_log.jsonl; dev.json is added).
 # KS: the K values to score, comma-separated (1 for the one-embedding methods such as causal-eos).
-# The logs go next to it (RUN.train.log, RUN.eval.log). A run whose dev.json exists is skipped, so a sweep
-# can be restarted. Runs this repository's code from its root, whatever the caller's directory.
+# The logs go next to it (RUN.train.log, RUN.eval.log). A run whose dev.json exists is skipped, and one with a
+# checkpoint is continued with --resume, so a sweep can be restarted. Runs this repository's code from its
+# root, whatever the caller's directory.
 # To publish a run: copy RUN/{train_config.json,train_log.jsonl,dev.json} to bench/results/training/GROUP/NAME/
 # and add its row (with this command) to bench/results/README.md.
 set -euo pipefail
@@ -25,6 +26,10 @@ if [ -f "$run/dev.json" ]; then
 fi
 mkdir -p "$(dirname "$run")"
 start=$(date +%s)
-python -m gircse train "$@" --out "$run" > "$run.train.log" 2>&1
+resume=()
+if [ -f "$run/checkpoint.safetensors" ]; then
+  resume=(--resume)  # gircse train refuses to start over a checkpointed run
+fi
+python -m gircse train "$@" ${resume[@]+"${resume[@]}"} --out "$run" > "$run.train.log" 2>&1
 python -m gircse.data.debian eval --model "$run" --k "$ks" --output "$run/dev.json" > "$run.eval.log" 2>&1
 echo "$run: trained and scored in $(( $(date +%s) - start )) s"

@@ -14,6 +14,19 @@ def saved_tiny(tmp_path, make_tiny):
 
 
 @pytest.fixture
+def saved_nan_model(tmp_path, make_tiny):
+    """A saved tiny model whose final norm has a NaN weight: every embedding it gives is NaN."""
+    import torch
+
+    model = make_tiny("llama", k=2)
+    with torch.no_grad():
+        model.model.model.norm.weight[0] = float("nan")
+    directory = str(tmp_path / "nan-model")
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if an evaluation command loads a model (argument errors must come first)."""
     def refuse(args):

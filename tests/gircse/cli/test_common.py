@@ -36,11 +36,34 @@ def test_every_model_command_checks_its_options_before_loading(tmp_path, capsys,
         (["eval", "--task", str(task), "--adapter", str(tmp_path)], "--adapter needs --model"),
         (["eval", "--task", str(task), "--output", str(tmp_path / "no-such-dir" / "r.json")], "does not exist"),
         (["scale", "--task", str(task), "--output", str(tmp_path)], "is a directory"),
+        (["eval", "--task", str(task), "--document-instruction", ""], "--document-instruction is empty"),
+        (["explain", "some text", "--instruction", "\t"], "--instruction is empty"),
     ]
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"gircse {argv[0]}: ") and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_broken_adapter_files_are_one_line_before_loading(tmp_path, capsys, no_model_loading):
+    """A corrupt adapter_config.json and adapter weights cut short: one line naming the file, before the
+    model loads (they were a peft traceback naming no file, and a SafetensorError after the load)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4,', encoding="utf-8")
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\n", encoding="utf-8")
+    argv = ["encode", "--model", "smollm2-135m", "--adapter", str(adapter), "--input", str(texts),
+            "--output", str(tmp_path / "o.npy")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gircse encode: {adapter / 'adapter_config.json'}: invalid JSON") and err.count("\n") == 1
+    (adapter / "adapter_config.json").write_text('{"r": 4}', encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gircse encode: adapter weights {adapter / 'adapter_model.safetensors'} is not a "
+                          "complete safetensors file") and err.count("\n") == 1
 
 
 def test_missing_model_package_is_one_line(monkeypatch, capsys, no_model_loading):

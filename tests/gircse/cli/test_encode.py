@@ -93,9 +93,40 @@ def test_option_errors_before_loading(tmp_path, capsys, no_model_loading):
         (["--model", "smollm2-135m", "--adapter", str(tmp_path), "--output", str(tmp_path / "o.npy")],
          "no peft adapter"),
         (["--device", "nonsense", "--output", str(tmp_path / "o.npy")], "--device 'nonsense'"),
+        (["--device", "meta", "--output", str(tmp_path / "o.npy")], "--device 'meta': not a device that runs models"),
+        (["--device", "cuda:7", "--output", str(tmp_path / "o.npy")], "--device 'cuda:7'"),
+        (["--output", "/proc/x.npy"], "--output /proc/x.npy: cannot be written"),
+        (["--output", str(texts)], "--output {t} is the same file as --input".format(t=texts)),
+        (["--input", str(tmp_path), "--output", str(tmp_path / "o.npy")], f"--input {tmp_path} is a directory"),
+        (["--instruction", " ", "--output", str(tmp_path / "o.npy")], "--instruction is empty (or only whitespace)"),
     ]
     for extra, message in cases:
         argv = ["encode", "--input", str(texts)] + extra
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("gircse encode: ") and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, capsys, no_model_loading):
+    """``--input X --output X`` used to replace the text file with the array; a symlink or a hard link to
+    the input is the same file."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "link.txt").symlink_to(texts)
+    os.link(texts, tmp_path / "hard.txt")
+    for output in (texts, tmp_path / "link.txt", tmp_path / "hard.txt", tmp_path / "." / "t.txt"):
+        assert cli.main(["encode", "--input", str(texts), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert "is the same file as --input" in err and err.count("\n") == 1, err
+    assert texts.read_text(encoding="utf-8") == "one\ntwo\n"
+
+
+def test_non_finite_embeddings_fail_in_one_line_and_write_nothing(tmp_path, capsys, saved_nan_model):
+    texts = tmp_path / "t.txt"
+    texts.write_text("rain\nsnow\n", encoding="utf-8")
+    out = tmp_path / "o.npy"
+    capsys.readouterr()  # the fixture's saving output
+    assert cli.main(["encode", "--model", saved_nan_model, "--input", str(texts), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gircse encode: the model produced a non-finite (NaN or infinite) embedding")
+    assert err.count("\n") == 1 and not out.exists()

@@ -24,6 +24,26 @@ def test_scale_writes_json_and_png(saved_tiny, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().err
 
 
+def test_scale_outputs_that_clash_are_refused_before_loading(tmp_path, capsys, no_model):
+    """``--output res.png`` wrote the JSON and then the plot over it (the plot defaults to --output with
+    .png); an output that is the task file would destroy it."""
+    pytest.importorskip("matplotlib")
+    task = write_task(tmp_path, _rows_by_type(8)["sts"])
+    cases = [
+        (["--output", str(tmp_path / "res.png")], "--plot (--output with .png) {p} is the same file as --output"
+         .format(p=tmp_path / "res.png")),
+        (["--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.json")], "--plot {p} is the same file "
+         "as --output".format(p=tmp_path / "r.json")),
+        (["--output", task], "--output {t} is the same file as --task".format(t=task)),
+        (["--output", str(tmp_path / "r.json"), "--plot", task], "is the same file as --task"),
+    ]
+    for argv, message in cases:
+        assert cli.main(["scale", "--task", task, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("gircse scale: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "res.png").exists() and not (tmp_path / "r.json").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ks", "1,x"], "--ks must be comma-separated integers"),
     (["--ks", "0,2"], "--ks must list K values >= 1"),

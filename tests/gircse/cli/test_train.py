@@ -69,9 +69,14 @@ def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_
     rows = make_rows(6)
     rows[4]["pos"] = []
     bad = write_rows(tmp_path / "bad.jsonl", rows)
+    latin = str(tmp_path / "latin.jsonl")
+    with open(latin, "wb") as f:
+        f.write(open(good, "rb").read().replace(b"\n", "\n{\"query\": \"caf\xe9\"}\n".encode("latin-1"), 1))
     out = str(tmp_path / "o")
     cases = [
         (["--data", str(tmp_path / "nope.jsonl")], "no such training data file"),
+        (["--data", str(tmp_path)], f"training data {tmp_path} is a directory"),
+        (["--data", latin], f"{latin}:2: not UTF-8 text"),
         (["--data", bad], "bad.jsonl:5: 'pos' needs at least 1 item"),
         (["--data", good, "--num-negatives", "3"], "good.jsonl:1: 2 hard negative(s), training asks for 3"),
         (["--data", good, "--max-steps", "0"], "max_steps must be >= 1"),
@@ -93,6 +98,39 @@ def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--out", out, "--dtype", "int8"])
     assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_run_checks_before_loading(smollm2_tokenizer, tmp_path, capsys, monkeypatch):
+    """What the run into --out would do wrong is found before the model loads (it took 1.5-3 minutes):
+    fewer rows than one step, a --resume without a checkpoint, whose options or data file differ from the
+    checkpoint's, a second run into a checkpointed --out without --resume or --overwrite."""
+    import gircse
+    from gircse.cli import main
+
+    from ..test_training import make_rows, write_rows
+    from ..test_training_resume import run
+
+    data = write_rows(tmp_path / "d.jsonl", make_rows(6))
+    other = write_rows(tmp_path / "other.jsonl", make_rows(6, seed=1))
+    out = str(tmp_path / "run")
+    run(smollm2_tokenizer, data, out, max_steps=1)  # CFG: k 2, batch 2, LoRA r 4 / alpha 8, lr 5e-3, max_length 48
+    same = ["--k", "2", "--batch-size", "2", "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-3",
+            "--max-length", "48", "--max-steps", "1"]
+    monkeypatch.setattr(gircse.GIRCSE, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the checks"))
+    cases = [
+        (["--data", data, "--out", str(tmp_path / "new"), "--batch-size", "7"], "6 rows, fewer rows than one "
+         "optimizer step needs (7 = batch_size 7 x 1 rank(s) x grad_accum 1)"),
+        (["--data", data, "--out", str(tmp_path / "new"), "--resume", *same], "--resume: no checkpoint in"),
+        (["--data", data, "--out", out, "--resume", *same[:-4]],
+         "--resume: checkpoint has max_length=48, this run 256"),
+        (["--data", other, "--out", out, "--resume", *same], f"--resume: the checkpoint was trained on {data}"),
+        (["--data", data, "--out", out, *same], f"--out {out} already holds a run (checkpoint.safetensors)"),
+        (["--data", data, "--out", out, "--resume", "--overwrite", *same], "choose one"),
+    ]
+    for argv, message in cases:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("gircse train: ") and message in err and err.count("\n") == 1, (argv, err)
 
 
 def test_methods_match_the_model_layer_and_parser_is_cheap():
