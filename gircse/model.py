@@ -18,7 +18,7 @@ from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, 
                       reference_document_instruction, to_left_padding, token_ids, validate_texts)
 from .validation import as_int, as_path
 
-__all__ = ["GIRCSE", "METHODS", "load_default"]
+__all__ = ["GIRCSE", "METHODS", "load_default", "load_model"]
 
 CONFIG_VERSION = loading.CONFIG_VERSION
 
@@ -68,41 +68,23 @@ class GIRCSE(nn.Module):
         adapter directory to attach (the authors' released adapters: ``prompt_style="reference"``).
         ``dtype`` None: fp32 on CPU, bf16 on CUDA.
         """
-        name_or_path = loading.check_model_reference(name_or_path)
-        adapter_dir = None if adapter is None else as_path("adapter", adapter)
-        if adapter_dir is not None and not os.path.isfile(os.path.join(adapter_dir, loading.ADAPTER_CONFIG_FILE)):
-            raise FileNotFoundError(f"adapter: no peft adapter in {adapter_dir} (no {loading.ADAPTER_CONFIG_FILE})")
         k = None if k is None else check_k(k)
         max_length = None if max_length is None else as_int("max_length", max_length, minimum=2)
         method = None if method is None else check_method(method)
+        settings = loading.resolve_pretrained(name_or_path, adapter=adapter, gguf_file=gguf_file, method=method,
+                                              k=k, max_length=max_length, prompt_style=prompt_style)
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = loading.resolve_dtype(dtype, device)
-        saved: dict = {}
-        if loading.is_gircse_dir(name_or_path):
-            saved = loading.read_config(name_or_path)  # validated: version, keys, formats
-            base = saved["base_model"]
-            if not os.path.isabs(base) and os.path.isdir(os.path.join(name_or_path, base)):
-                base = os.path.join(name_or_path, base)  # base weights saved inside the directory
-            if adapter_dir is None:
-                adapter_dir = loading.saved_adapter_dir(name_or_path, saved)  # what the config promises
-            base_ref = loading.check_model_reference(base, what=f"{name_or_path}'s base_model")
-            gguf_file = gguf_file or saved.get("gguf_file")
-        else:
-            base_ref = name_or_path
-        model, tokenizer = loading.load_base(base_ref, gguf_file=gguf_file, device=device, dtype=dtype)
-        if adapter_dir is not None:
+        model, tokenizer = loading.load_base(settings["base_model"], gguf_file=settings["gguf_file"], device=device,
+                                             dtype=dtype)
+        if settings["adapter"] is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter_dir).to(device).eval()
-        prompt_style = prompt_style or saved.get("prompt_style", "gircse")
-        default_k = 5 if prompt_style == "reference" else 20  # the authors' adapters were trained at K=5
-        return cls(model, tokenizer,
-                   method=method or saved.get("method", "gircse"),
-                   k=k if k is not None else saved.get("k", default_k),
-                   max_length=max_length if max_length is not None else saved.get("max_length", 512),
-                   base_model=base_ref,
-                   gguf_file=gguf_file, query_format=saved.get("query_format"), prompt_style=prompt_style)
+            model = PeftModel.from_pretrained(model, settings["adapter"]).to(device).eval()
+        return cls(model, tokenizer, method=settings["method"], k=settings["k"], max_length=settings["max_length"],
+                   base_model=settings["base_model"], gguf_file=settings["gguf_file"],
+                   query_format=settings["query_format"], prompt_style=settings["prompt_style"])
 
     def save_pretrained(self, directory) -> None:
         """Write ``gircse_config.json`` (base model reference, method, k, pooling, prompt format),
@@ -248,7 +230,7 @@ class GIRCSE(nn.Module):
     def encode(self, texts, instruction: str | list[str | None] | None = None, *, k: int | None = None, batch_size: int = 32,
                normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                show_progress_bar: bool | None = None, return_all_steps: bool = False,
-               prompt: str | None = None, convert_to_tensor: bool = False):
+               prompt: str | None = None, convert_to_tensor: bool = False, on_batch=None):
         """Embed texts: ``[n, d]`` (``[n, k, d]`` with ``return_all_steps``; a single str gives ``[d]``).
 
         Queries take ``instruction`` in the format ``"Instruct: {instruction}\\nQuery: {text}"``; no
@@ -265,6 +247,9 @@ class GIRCSE(nn.Module):
         shipped adapter, down to 0.88 for the raw base model at K = 20). Guaranteed in every dtype: the
         same call repeats bit for bit, and with ``batch_size=1`` a text's embedding does not depend on
         the other texts.
+
+        ``on_batch``: called after each batch with the number of texts it embedded (e.g. a caller's own
+        progress bar spanning several calls).
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)
@@ -303,6 +288,8 @@ class GIRCSE(nn.Module):
                         if normalize_embeddings:
                             emb = torch.nn.functional.normalize(emb, dim=-1)
                         out[torch.tensor(index)] = emb.cpu()
+                        if on_batch is not None:
+                            on_batch(len(index))
             finally:
                 self.train(was_training)
         if single:
@@ -401,9 +388,20 @@ def load_default(*, method: str | None = None, k: int | None = None, device=None
     the adapter was trained and evaluated with; longer inputs lose text from the end, with a warning).
     """
     kwargs = dict(method=method, k=k, device=device, dtype=dtype, max_length=max_length, prompt_style=prompt_style)
-    if loading.is_gircse_dir(loading.DEFAULT_ADAPTER_DIR):
-        return GIRCSE.from_pretrained(loading.DEFAULT_ADAPTER_DIR, **kwargs)
+    reference = loading.default_model_reference()
+    if reference == loading.DEFAULT_ADAPTER_DIR:
+        return GIRCSE.from_pretrained(reference, **kwargs)
     warnings.warn("gircse: no trained adapter is shipped yet (gircse/default_adapter/); load_default() returns "
                   "the raw SmolLM2-135M base model with GIRCSE generation, untrained for embeddings.",
                   UserWarning, stacklevel=2)
-    return GIRCSE.from_pretrained("smollm2-135m", **kwargs)
+    return GIRCSE.from_pretrained(reference, **kwargs)
+
+
+def load_model(name_or_path="default", *, adapter=None, **kwargs) -> GIRCSE:
+    """``"default"`` (or None): ``load_default(**kwargs)``; anything else: ``GIRCSE.from_pretrained(name_or_path,
+    adapter=adapter, **kwargs)``. What the command line's ``--model`` / ``--adapter`` options load."""
+    if name_or_path in (None, "default"):
+        if adapter is not None:
+            raise ValueError("adapter needs a model (the base model it was trained on), not 'default'")
+        return load_default(**kwargs)
+    return GIRCSE.from_pretrained(name_or_path, adapter=adapter, **kwargs)
