@@ -143,11 +143,10 @@ class CorpusJob:
         ids: list[str] = []
         texts: list[str] = []
         try:
-            for record in iter_records(self.input.path, self.input.format, id_field=self.spec["input"].get("id_field", "id"),
-                                       text_field=self.spec["input"].get("text_field", "text")):
+            fields = {k: v for k, v in self.spec["input"].items() if k in ("id_field", "text_field")}
+            for record in iter_records(self.input.path, self.input.format, keep=lambda row: row // size in todo,
+                                       **fields):
                 index = record.row // size
-                if index not in todo:
-                    continue
                 ids.append(record.id)
                 texts.append(record.text)
                 first, rows = self.shard_rows(index)

@@ -79,9 +79,7 @@ def _decode(raw: bytes, where: str, first: bool) -> str:
     return text[:-1] if text.endswith("\r") else text
 
 
-def _jsonl_record(line: str, where: str, id_field: str, text_field: str) -> tuple[str, str] | None:
-    if not line.strip():
-        return None  # blank lines between rows are skipped, as in every JSONL reader of this package
+def _jsonl_record(line: str, where: str, id_field: str, text_field: str) -> tuple[str, str]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
@@ -107,23 +105,27 @@ def _jsonl_record(line: str, where: str, id_field: str, text_field: str) -> tupl
 
 
 def iter_records(path: str, fmt: str = "auto", *, id_field: str = "id", text_field: str = "text",
-                 digest=None) -> Iterator[Record]:
+                 digest=None, keep=None) -> Iterator[Record]:
     """The corpus rows in file order, each text checked non-blank. Plain text: every line is a row, its id
-    the line number (``"1"``, ``"2"``, ...). JSONL: ids are strings (an integer id becomes its decimal string).
-    ``digest``: a hashlib object updated with every raw line read."""
+    the line number (``"1"``, ``"2"``, ...). JSONL: ids are strings (an integer id becomes its decimal string);
+    blank lines between rows are skipped. ``digest``: a hashlib object updated with every raw line read.
+    ``keep``: a predicate on the row index; other rows are counted, not parsed or checked (a rank reading
+    only its own shards, after ``scan`` checked them all)."""
     path = os.fspath(path)
     fmt = input_format(path, fmt)
     row = 0
     for number, raw in _lines(path, digest):
         where = f"{path}:{number}"
         line = _decode(raw, where, number == 1)
+        if fmt == "jsonl" and not line.strip():
+            continue
+        if keep is not None and not keep(row):
+            row += 1
+            continue
         if fmt == "text":
             identifier, text = str(number), line
         else:
-            parsed = _jsonl_record(line, where, id_field, text_field)
-            if parsed is None:
-                continue
-            identifier, text = parsed
+            identifier, text = _jsonl_record(line, where, id_field, text_field)
         if not text.strip():
             raise CorpusInputError(f"{where}: the text is empty (or only whitespace); an empty text has no "
                                    "embedding")

@@ -100,3 +100,11 @@ def test_colliding_id_hashes_are_not_duplicates(tmp_path, monkeypatch):
                                               {"id": "b", "text": "z"}])
     with pytest.raises(CorpusInputError, match=r"e.jsonl:3: duplicate id 'b' \(first on line 2\)"):
         scan(path)
+
+
+def test_keep_reads_only_the_wanted_rows_and_counts_the_others(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\nnot json: never parsed\n'
+                     b'{"id": "d", "text": "w"}\n')
+    records = list(iter_records(str(path), keep=lambda row: row in (1, 3)))
+    assert [(r.row, r.line, r.id) for r in records] == [(1, 3, "b"), (3, 5, "d")]
