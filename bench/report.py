@@ -15,7 +15,7 @@ import os
 from .harness import describe
 
 # The order sections appear in, whatever order the tests ran in.
-SECTION_ORDER = ("op", "op-small-batch", "cpu-kinds", "decode", "flops", "model", "profile", "training", "serve", "regression")
+SECTION_ORDER = ("op", "op-small-batch", "cpu-kinds", "decode", "flops", "model", "profile", "training", "serve", "corpus", "regression")
 
 
 def _fmt(value, kind: str) -> str:
