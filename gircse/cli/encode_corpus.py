@@ -100,10 +100,11 @@ def run_encode_corpus(args) -> int:
     # gloo for the two barriers around the manifest, whatever the device; a rank may wait long for the others.
     created = setup_from_env(backend="gloo", timeout=datetime.timedelta(days=30))
     try:
-        model = _load(args)
+        pending = job.plan(log=lambda message: print(f"gircse encode-corpus: {message}", file=sys.stderr, flush=True))
+        model = _load(args) if pending else None  # a rank with nothing left to encode loads no model
         progress = args.progress if args.progress is not None else sys.stderr.isatty()
-        corpus = job.run(model, batch_size=args.batch_size, progress=progress and launch["rank"] == 0,
-                         log=lambda message: print(f"gircse encode-corpus: {message}", file=sys.stderr, flush=True))
+        corpus = job.run(model, pending=pending, batch_size=args.batch_size,
+                         progress=progress and launch["rank"] == 0)
     finally:
         if created:
             import torch.distributed as dist

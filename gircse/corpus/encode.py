@@ -5,7 +5,8 @@
 made with another model, other options or another input is refused). ``CorpusJob.run(model)`` then encodes the
 shards of this rank -- shard i belongs to rank ``i % world_size``, so ranks never talk while they work -- each
 with ``GIRCSE.encode_documents`` (its length-sorted batches), skipping shards a previous run finished and
-verified. At the end the ranks meet at a barrier and rank 0 writes the manifest.
+verified (``plan``, which needs no model either). At the end the ranks meet at a barrier and rank 0 writes
+the manifest.
 
 Under ``torchrun`` the rank and world size come from the default process group (``torch.distributed``); without
 one the job is a single process.
@@ -90,19 +91,10 @@ class CorpusJob:
                                  shard_format=self.spec["shard_format"], spec_digest=store.spec_sha256(self.spec),
                                  verify=verify)
 
-    def run(self, model, *, batch_size: int = 32, progress: bool = False, log=None) -> "store.Corpus":
-        """Encode this rank's unfinished shards, then (rank 0, after every rank is done) write the manifest.
-        Returns the opened corpus on every rank. ``log``: called with one-line messages (redone shards, the
-        plan) when given. ``progress``: a tqdm bar of this rank's texts (texts/s and ETA)."""
-        from ..validation import as_int
-
-        batch_size = as_int("batch_size", batch_size, minimum=1)
-        loaded = model_spec_of(model)
-        wanted = self.spec["model"]
-        differing = [f"{key} {loaded[key]!r} (the spec says {wanted[key]!r})" for key in LOADED_SETTINGS
-                     if loaded[key] != wanted[key]]
-        if differing:
-            raise ValueError(f"the model does not match the spec it was prepared for: {', '.join(differing)}")
+    def plan(self, log=None) -> list[int]:
+        """This rank's shards that must be encoded: every one not finished and verified (sha256 recomputed).
+        Their leftovers (partial files, temporary files of a killed writer) are removed. ``log``: called with
+        one-line messages (why a shard is redone, the plan)."""
         rank, world_size = _distributed_rank_and_size()
         say = log or (lambda message: None)
         mine = range(rank, self.shard_count, world_size)
@@ -117,8 +109,30 @@ class CorpusJob:
         where = f"rank {rank} of {world_size}: " if world_size > 1 else ""
         say(f"{where}{len(mine) - len(pending)} of {len(mine)} shards finished, {len(pending)} to encode "
             f"({self.input.rows:,} texts in {self.shard_count} shards of up to {self.spec['shard_size']:,})")
+        return pending
+
+    def run(self, model, *, pending: list[int] | None = None, batch_size: int = 32, progress: bool = False,
+            log=None) -> "store.Corpus":
+        """Encode this rank's unfinished shards (``pending``, default ``plan(log)``), then (rank 0, after every
+        rank is done) write the manifest; return the opened corpus on every rank. ``model`` may be None when
+        ``pending`` is empty (a rank with nothing left need not load one). ``progress``: a tqdm bar of this
+        rank's texts (texts/s and ETA)."""
+        from ..validation import as_int
+
+        batch_size = as_int("batch_size", batch_size, minimum=1)
+        rank, world_size = _distributed_rank_and_size()
+        pending = self.plan(log) if pending is None else pending
         if pending:
-            self._encode(model, pending, rank, batch_size, progress, where)
+            if model is None:
+                raise ValueError(f"shards {pending[:5]} need encoding, and no model was given")
+            loaded, wanted = model_spec_of(model), self.spec["model"]
+            differing = [f"{key} {loaded[key]!r} (the spec says {wanted[key]!r})" for key in LOADED_SETTINGS
+                         if loaded[key] != wanted[key]]
+            if differing:
+                raise ValueError(f"the model does not match the spec it was prepared for: {', '.join(differing)}")
+            self._encode(model, pending, rank=rank, batch_size=batch_size,
+                         progress_label=(f"encode-corpus rank {rank} of {world_size}" if world_size > 1
+                                         else "encode-corpus") if progress else None)
         _barrier(world_size)
         if rank == 0:
             records = []
@@ -131,27 +145,28 @@ class CorpusJob:
         _barrier(world_size)
         return store.open_corpus(self.out_dir)
 
-    def _encode(self, model, pending: list[int], rank: int, batch_size: int, progress: bool, where: str) -> None:
-        size, digest = self.spec["shard_size"], store.spec_sha256(self.spec)
+    def _encode(self, model, pending: list[int], *, rank: int, batch_size: int, progress_label: str | None) -> None:
+        """Stream the input once, collecting the rows of the pending shards; encode and write each as it fills."""
+        size = self.spec["shard_size"]
         todo = set(pending)
         bar = None
-        if progress:
+        if progress_label is not None:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(self.shard_rows(i)[1] for i in pending), unit="text", smoothing=0.1,
-                       desc=f"encode-corpus {where.rstrip(': ')}".strip())
+                       desc=progress_label)
         ids: list[str] = []
         texts: list[str] = []
         try:
             fields = {k: v for k, v in self.spec["input"].items() if k in ("id_field", "text_field")}
             for record in iter_records(self.input.path, self.input.format, keep=lambda row: row // size in todo,
                                        **fields):
-                index = record.row // size
                 ids.append(record.id)
                 texts.append(record.text)
-                first, rows = self.shard_rows(index)
-                if len(ids) == rows:
-                    self._write(model, index, first, ids, texts, digest, rank, batch_size, bar)
+                index = record.row // size
+                if len(ids) == self.shard_rows(index)[1]:
+                    self._write(model, index, ids, texts, rank=rank, batch_size=batch_size,
+                                on_batch=None if bar is None else bar.update)
                     ids, texts = [], []
                     todo.discard(index)
                     if not todo:
@@ -163,15 +178,17 @@ class CorpusJob:
             raise ValueError(f"input {self.input.path} has fewer rows than when the run was prepared "
                              f"({self.input.rows:,}); it changed during the run")
 
-    def _write(self, model, index, first, ids, texts, digest, rank, batch_size, bar) -> None:
+    def _write(self, model, index: int, ids: list[str], texts: list[str], *, rank: int, batch_size: int,
+               on_batch) -> None:
         started = time.time()
         embeddings = model.encode_documents(texts, self.spec["instruction"], batch_size=batch_size,
                                             normalize_embeddings=self.spec["normalize"], show_progress_bar=False,
-                                            on_batch=None if bar is None else bar.update)
+                                            on_batch=on_batch)
         encoded = time.time()
         try:
-            store.write_shard(self.out_dir, index, first_row=first, ids=ids, embeddings=embeddings,
-                              shard_format=self.spec["shard_format"], spec_digest=digest,
+            store.write_shard(self.out_dir, index, first_row=self.shard_rows(index)[0], ids=ids,
+                              embeddings=embeddings, shard_format=self.spec["shard_format"],
+                              spec_digest=store.spec_sha256(self.spec),
                               extra={"rank": rank, "batch_size": batch_size, "started": started, "encoded": encoded,
                                      "finished": time.time()})
         except OSError as error:

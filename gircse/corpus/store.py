@@ -93,7 +93,8 @@ def _write_atomic(path: str, data: bytes) -> None:
     except OSError as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(error.errno, f"writing {path} failed: {error.strerror or error}") from None
+        message = f"writing {path} failed: {error.strerror or error}"
+        raise (OSError(error.errno, message) if error.errno is not None else OSError(message)) from None
 
 
 def _json_bytes(payload) -> bytes:

@@ -133,6 +133,9 @@ def test_rerun_with_other_options_refused_before_loading(saved_tiny, tmp_path, c
         err = capsys.readouterr().err
         assert "holds a corpus from another input or other options" in err and message in err, err
         assert err.count("\n") == 1
+    # the same options again: every shard verified, nothing to encode, so no model is loaded
+    assert cli.main(["encode-corpus", data, out, "--model", saved_tiny, "--shard-size", "10"]) == 0
+    assert "4 of 4 shards finished, 0 to encode" in capsys.readouterr().err
 
 
 def test_full_disk_leaves_no_shard_finished_and_a_rerun_completes(saved_tiny, tmp_path, restore_threads):

@@ -108,6 +108,8 @@ def test_loaded_model_must_match_the_prepared_spec(tiny_model, make_tiny, corpus
     job = CorpusJob.prepare(corpus_file, tmp_path / "out", model=model_spec_of(tiny_model), shard_size=8)
     with pytest.raises(ValueError, match=r"does not match the spec it was prepared for: k 3 \(the spec says 2\)"):
         job.run(make_tiny("llama", k=3))
+    with pytest.raises(ValueError, match=r"shards \[0, 1, 2, 3\] need encoding, and no model was given"):
+        job.run(None)
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith("shard-")]
 
 
