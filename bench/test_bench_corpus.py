@@ -2,7 +2,7 @@
 (on CPU) or one GPU per process (on CUDA), and the projection to N GPUs with its assumptions.
 
 ``pytest bench/test_bench_corpus.py -s``. Input: the first texts of the shipped Debian classification dev set
-(``gircse/data/debian/dev_classification.jsonl.gz``, id = the package name; quick 12, default 96, full all 480).
+(``gircse/data/debian/dev_classification.jsonl.gz``, id = the package name; quick 12, default 64, full all 480).
 Model: the default (SmolLM2-135M + the shipped adapter, K = 5, max_length 128), the command's default dtype.
 Both runs are the real command line in subprocesses, one after the other, each timed from its own output: the
 encoding span is first shard started to last shard finished (``manifest.json``'s shard records), the wall time
@@ -26,8 +26,9 @@ import torch
 
 from bench import checks
 
-# SmolLM2 in fp32 embeds ~1-2 texts/s per core: the default size keeps both runs to about a minute each on 2 cores.
-TEXTS = {"quick": 12, "default": 96, "full": 480}
+# SmolLM2 in fp32 embeds about 1 text/s per core here (max_length 128, K = 5): the default size keeps both runs
+# (with their model loads) to about two minutes on 2 cores, inside the default `pytest bench/` budget.
+TEXTS = {"quick": 12, "default": 64, "full": 480}
 SHARDS_PER_RANK = 4  # shards of each run: processes x this, so ranks stay busy to the end
 BATCH = 16
 # The projection's corpus: a million texts in shards of encode-corpus's default size.

@@ -44,7 +44,7 @@ def run_search(args) -> int:
         raise ValueError("--instruction is empty")
     corpus = open_corpus(args.out_dir)
     recorded = corpus.manifest["spec"]["model"]
-    if args.model is not None:
+    if args.model not in (None, "default"):
         loading.check_model_reference(args.model, what="--model")
     check_recorded_model(recorded, args.model)
     backend = resolve_backend(args.backend)
