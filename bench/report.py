@@ -16,7 +16,7 @@ from .harness import describe
 
 # The order sections appear in, whatever order the tests ran in.
 SECTION_ORDER = ("op", "op-small-batch", "cpu-kinds", "decode", "flops", "model", "encode-cost", "profile", "training",
-                 "training-step", "serve", "regression")
+                 "training-step", "serve", "corpus", "regression")
 
 
 def _fmt(value, kind: str) -> str:

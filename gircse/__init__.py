@@ -10,6 +10,7 @@ _LAZY = {
     "GIRCSE": "gircse.model",
     "METHODS": "gircse.methods",
     "load_default": "gircse.model",
+    "load_model": "gircse.model",
     "generate_soft_tokens": "gircse.generation",
     "generate_soft_tokens_uncached": "gircse.generation",
     "pool_steps": "gircse.generation",

@@ -33,6 +33,7 @@ __all__ = [
     "read_config",
     "read_json",
     "resolve_dtype",
+    "resolve_pretrained",
     "resolve_model_source",
     "saved_adapter_dir",
     "saved_base",
@@ -131,6 +132,48 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or their names), "
                          f"got {dtype!r}")
     return dtype
+
+
+def default_model_reference() -> str:
+    """What ``load_default`` loads: the shipped adapter's directory, or the raw SmolLM2 base without it."""
+    return DEFAULT_ADAPTER_DIR if is_gircse_dir(DEFAULT_ADAPTER_DIR) else "smollm2-135m"
+
+
+def resolve_pretrained(name_or_path, *, adapter=None, gguf_file: str | None = None, method: str | None = None,
+                       k: int | None = None, max_length: int | None = None, prompt_style: str | None = None) -> dict:
+    """What ``GIRCSE.from_pretrained`` with these arguments loads, worked out without loading anything:
+    ``{"base_model", "adapter", "gguf_file", "method", "k", "max_length", "prompt_style", "query_format"}``.
+
+    Arguments left as None take the saved directory's values, else "gircse" / 20 (5 with
+    ``prompt_style="reference"``) / 512 / "gircse"; ``query_format`` None means the prompt style's own.
+    Raises what ``from_pretrained`` would for a missing model or adapter, a malformed saved config, an
+    adapter trained on another base, or adapter weights cut short.
+    """
+    name_or_path = check_model_reference(name_or_path)
+    adapter_dir = None if adapter is None else as_path("adapter", adapter)
+    if adapter_dir is not None:
+        read_adapter_config(adapter_dir)  # there and parseable: its errors name the file
+    saved: dict = {}
+    if is_gircse_dir(name_or_path):
+        saved = read_config(name_or_path)  # validated: version, keys, formats
+        base = saved_base(name_or_path, saved)
+        if adapter_dir is None:
+            adapter_dir = saved_adapter_dir(name_or_path, saved)  # what the config promises
+        base_ref = check_model_reference(base, what=f"{name_or_path}'s base_model")
+        gguf_file = gguf_file or saved.get("gguf_file")
+    else:
+        base_ref = name_or_path
+    if adapter is not None:  # chosen by the caller: it must have been trained on this base
+        check_adapter_base(adapter_dir, base_ref, gguf_file)
+    if adapter_dir is not None:
+        check_adapter_weights(adapter_dir)  # a file cut short fails before the base loads
+    prompt_style = prompt_style or saved.get("prompt_style", "gircse")
+    default_k = 5 if prompt_style == "reference" else 20  # the authors' adapters were trained at K=5
+    return {"base_model": base_ref, "adapter": adapter_dir, "gguf_file": gguf_file,
+            "method": method or saved.get("method", "gircse"),
+            "k": k if k is not None else saved.get("k", default_k),
+            "max_length": max_length if max_length is not None else saved.get("max_length", 512),
+            "prompt_style": prompt_style, "query_format": saved.get("query_format")}
 
 
 def load_base(name_or_path: str, *, gguf_file: str | None, device: torch.device, dtype: torch.dtype):

@@ -19,7 +19,7 @@ from .prompts import (QUERY_FORMAT, REFERENCE_QUERY_FORMAT, check_prompt_style, 
                       reference_document_instruction, to_left_padding, token_ids, validate_texts)
 from .validation import as_bool, as_int, as_path
 
-__all__ = ["GIRCSE", "METHODS", "load_default"]
+__all__ = ["GIRCSE", "METHODS", "load_default", "load_model"]
 
 CONFIG_VERSION = loading.CONFIG_VERSION
 # encode's automatic decode group (see GIRCSE.encode): rows of the K soft-token steps, and the KV cache
@@ -76,41 +76,21 @@ class GIRCSE(nn.Module):
         adapter directory to attach (the authors' released adapters: ``prompt_style="reference"``).
         ``dtype`` None: fp32 on CPU, bf16 on CUDA.
         """
-        name_or_path = loading.check_model_reference(name_or_path)
-        adapter_dir = None if adapter is None else as_path("adapter", adapter)
-        if adapter_dir is not None:
-            loading.read_adapter_config(adapter_dir)  # there and parseable: its errors name the file
         k = None if k is None else check_k(k)
         max_length = None if max_length is None else as_int("max_length", max_length, minimum=2)
         method = None if method is None else check_method(method)
+        settings = loading.resolve_pretrained(name_or_path, adapter=adapter, gguf_file=gguf_file, method=method,
+                                              k=k, max_length=max_length, prompt_style=prompt_style)
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = loading.resolve_dtype(dtype, device)
-        saved: dict = {}
-        if loading.is_gircse_dir(name_or_path):
-            saved = loading.read_config(name_or_path)  # validated: version, keys, formats
-            base = loading.saved_base(name_or_path, saved)
-            if adapter_dir is None:
-                adapter_dir = loading.saved_adapter_dir(name_or_path, saved)  # what the config promises
-            base_ref = loading.check_model_reference(base, what=f"{name_or_path}'s base_model")
-            gguf_file = gguf_file or saved.get("gguf_file")
-        else:
-            base_ref = name_or_path
-        if adapter is not None:  # chosen by the caller: it must have been trained on this base
-            loading.check_adapter_base(adapter_dir, base_ref, gguf_file)
-        if adapter_dir is not None:
-            loading.check_adapter_weights(adapter_dir)  # a file cut short fails before the base loads
-        model, tokenizer = loading.load_base(base_ref, gguf_file=gguf_file, device=device, dtype=dtype)
-        if adapter_dir is not None:
-            model = _attach_adapter(model, adapter_dir, base_ref).to(device).eval()
-        prompt_style = prompt_style or saved.get("prompt_style", "gircse")
-        default_k = 5 if prompt_style == "reference" else 20  # the authors' adapters were trained at K=5
-        return cls(model, tokenizer,
-                   method=method or saved.get("method", "gircse"),
-                   k=k if k is not None else saved.get("k", default_k),
-                   max_length=max_length if max_length is not None else saved.get("max_length", 512),
-                   base_model=base_ref,
-                   gguf_file=gguf_file, query_format=saved.get("query_format"), prompt_style=prompt_style)
+        model, tokenizer = loading.load_base(settings["base_model"], gguf_file=settings["gguf_file"], device=device,
+                                             dtype=dtype)
+        if settings["adapter"] is not None:
+            model = _attach_adapter(model, settings["adapter"], settings["base_model"]).to(device).eval()
+        return cls(model, tokenizer, method=settings["method"], k=settings["k"], max_length=settings["max_length"],
+                   base_model=settings["base_model"], gguf_file=settings["gguf_file"],
+                   query_format=settings["query_format"], prompt_style=settings["prompt_style"])
 
     def save_pretrained(self, directory) -> None:
         """Write ``gircse_config.json`` (base model reference, method, k, pooling, prompt format),
@@ -278,7 +258,8 @@ class GIRCSE(nn.Module):
     def encode(self, texts, instruction: str | list[str | None] | None = None, *, k: int | None = None, batch_size: int = 32,
                normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                show_progress_bar: bool | None = None, return_all_steps: bool = False,
-               prompt: str | None = None, convert_to_tensor: bool = False, decode_batch_size: int | None = None):
+               prompt: str | None = None, convert_to_tensor: bool = False, decode_batch_size: int | None = None,
+               on_batch=None):
         """Embed texts: ``[n, d]`` (``[n, k, d]`` with ``return_all_steps``; a single str gives ``[d]``).
 
         Queries take ``instruction`` in the format ``"Instruct: {instruction}\\nQuery: {text}"``; no
@@ -304,6 +285,9 @@ class GIRCSE(nn.Module):
 
         A NaN or infinite embedding (broken weights, an fp16 overflow) is a ValueError naming the text,
         never a returned vector: it would score as a perfect match in some metrics and is not valid JSON.
+
+        ``on_batch``: called after each batch with the number of texts it embedded (e.g. a caller's own
+        progress bar spanning several calls).
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)
@@ -351,6 +335,8 @@ class GIRCSE(nn.Module):
                         if normalize_embeddings:
                             emb = torch.nn.functional.normalize(emb, dim=-1)
                         out[torch.tensor(index)] = emb.cpu()
+                        if on_batch is not None:
+                            on_batch(len(index))
             finally:
                 self.train(was_training)
         if single:
@@ -475,9 +461,20 @@ def load_default(*, method: str | None = None, k: int | None = None, device=None
     the adapter was trained and evaluated with; longer inputs lose text from the end, with a warning).
     """
     kwargs = dict(method=method, k=k, device=device, dtype=dtype, max_length=max_length, prompt_style=prompt_style)
-    if loading.is_gircse_dir(loading.DEFAULT_ADAPTER_DIR):
-        return GIRCSE.from_pretrained(loading.DEFAULT_ADAPTER_DIR, **kwargs)
+    reference = loading.default_model_reference()
+    if reference == loading.DEFAULT_ADAPTER_DIR:
+        return GIRCSE.from_pretrained(reference, **kwargs)
     warnings.warn("gircse: no trained adapter is shipped yet (gircse/default_adapter/); load_default() returns "
                   "the raw SmolLM2-135M base model with GIRCSE generation, untrained for embeddings.",
                   UserWarning, stacklevel=2)
-    return GIRCSE.from_pretrained("smollm2-135m", **kwargs)
+    return GIRCSE.from_pretrained(reference, **kwargs)
+
+
+def load_model(name_or_path="default", *, adapter=None, **kwargs) -> GIRCSE:
+    """``"default"`` (or None): ``load_default(**kwargs)``; anything else: ``GIRCSE.from_pretrained(name_or_path,
+    adapter=adapter, **kwargs)``. What the command line's ``--model`` / ``--adapter`` options load."""
+    if name_or_path in (None, "default"):
+        if adapter is not None:
+            raise ValueError("adapter needs a model (the base model it was trained on), not 'default'")
+        return load_default(**kwargs)
+    return GIRCSE.from_pretrained(name_or_path, adapter=adapter, **kwargs)

@@ -2,12 +2,14 @@
 
   gircse demo                                   embed a small corpus with the default model, search it
   gircse encode --instruction "..." < texts.txt > vectors.npy
+  gircse encode-corpus docs.jsonl.gz out/       resumable shards; torchrun --nproc_per_node N -m gircse encode-corpus ...
+  gircse search out/ "query" --top 10           exact top-k over an encoded corpus
   gircse train --model smollm2-135m --data train.jsonl --method gircse --k 5 --out runs/x
   gircse serve --model runs/x --port 8000       OpenAI-compatible embeddings server
   gircse eval --task file.jsonl | scale --task file.jsonl --ks 1,5,20 | explain "text" | eval-mteb --tasks STS12
 
-One module per subcommand (``gircse.cli.demo``, ``.encode``, ``.train``, ``.serve``, ``.eval``, ``.scale``,
-``.explain``, ``.eval_mteb``), each with an ``add_<name>_parser`` + ``run_<name>`` pair; ``build_parser``
+One module per subcommand (``gircse.cli.demo``, ``.encode``, ``.encode_corpus``, ``.search``, ``.train``,
+``.serve``, ``.eval``, ``.scale``, ``.explain``, ``.eval_mteb``), each with an ``add_<name>_parser`` + ``run_<name>`` pair; ``build_parser``
 lists them, so a new subcommand is one module and one line. ``gircse.cli.common`` holds what they share;
 ``gircse.cli.debian`` is the command line of ``python -m gircse.data.debian``. The library never imports
 from this package.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import demo, encode, eval, eval_mteb, explain, scale, serve, train
+from . import demo, encode, encode_corpus, eval, eval_mteb, explain, scale, search, serve, train
 from .common import OneLineParser, run_command
 
 __all__ = ["build_parser", "main"]
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_demo_parser(sub)
     encode.add_encode_parser(sub)
+    encode_corpus.add_encode_corpus_parser(sub)
+    search.add_search_parser(sub)
     train.add_train_parser(sub)
     serve.add_serve_parser(sub)
     eval.add_eval_parser(sub)

@@ -187,12 +187,8 @@ def _load(args):
     check_model_options(args)
     check_instruction_options(args)
     with _quiet_loading():
-        if args.model in (None, "default"):
-            return gircse.load_default(method=args.method, k=args.k, device=args.device, dtype=args.dtype,
-                                       max_length=args.max_length, prompt_style=args.prompt_style)
-        return gircse.GIRCSE.from_pretrained(args.model, method=args.method, k=args.k, adapter=args.adapter,
-                                             device=args.device, dtype=args.dtype, max_length=args.max_length,
-                                             prompt_style=args.prompt_style)
+        return gircse.load_model(args.model, adapter=args.adapter, method=args.method, k=args.k, device=args.device,
+                                 dtype=args.dtype, max_length=args.max_length, prompt_style=args.prompt_style)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,14 +35,15 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def setup_from_env(backend: str | None = None) -> bool:
+def setup_from_env(backend: str | None = None, timeout=None) -> bool:
     """Initialize the default process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1).
+    ``timeout``: a ``datetime.timedelta`` for collectives (torch's default when None).
     Returns True when this call initialized it (the caller should destroy it)."""
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True

@@ -34,3 +34,13 @@ def no_model(monkeypatch):
 
     for command in (cli.eval, cli.scale, cli.explain, cli.eval_mteb):
         monkeypatch.setattr(command, "_load", refuse)
+
+
+@pytest.fixture
+def restore_threads():
+    """``gircse encode-corpus`` sets torch's thread count, in-process here; put it back after the test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
