@@ -7,6 +7,10 @@ Options (or environment variables):
         issue's whole grid (SmolLM2 at batch 32 and N up to 512, the 7B shapes, K up to 20).
     --bench-out DIR  (GIRCSE_BENCH_OUT) where report.json / report.md / the plot go; default
         ``bench/results/<machine>/`` (``bench/results/quick/<machine>/`` for quick runs, git-ignored).
+    --bench-budget SECONDS  (GIRCSE_BENCH_BUDGET) wall-clock budget of the session; default 600 for the
+        default size, none (0) for quick and full. See ``bench/budget.py``: tests run most important
+        first, one whose estimated time would pass the budget is skipped and named in the report, and a
+        progress line after each test gives the elapsed time and the estimate of what remains.
 GPU variants run when CUDA is present. Benchmarks never assert on timings; they fail only when a
 correctness check fails (``bench/checks.py``).
 """
@@ -20,6 +24,7 @@ import pytest
 import torch
 
 from bench import harness
+from bench.budget import Budget
 from bench.report import Report
 
 SIZES = ("quick", "default", "full")
@@ -32,6 +37,8 @@ def pytest_addoption(parser):
                     help="quick (harness check) | default (< 10 min on 2 CPU cores) | full grid")
     group.addoption("--full", action="store_true", help="same as --bench-size full")
     group.addoption("--bench-out", default=None, help="report directory (default bench/results/<machine>)")
+    group.addoption("--bench-budget", type=float, default=None,
+                    help="session budget in seconds (default 600 for --bench-size default, else none; 0 = none)")
 
 
 def _size(config) -> str:
@@ -49,7 +56,14 @@ def pytest_configure(config):
     if out is None:
         out = os.path.join(RESULTS, *(["quick"] if size == "quick" else []), harness.machine_slug(env))
     command = "pytest " + " ".join(a for a in sys.argv[1:]) if sys.argv[1:] else "pytest bench/"
-    config._gircse_bench = (Report(env, size, command.replace(os.getcwd() + os.sep, "")), out)
+    report = Report(env, size, command.replace(os.getcwd() + os.sep, ""))
+    config._gircse_bench = (report, out)
+    budget_s = config.getoption("--bench-budget")
+    if budget_s is None:
+        budget_s = float(os.environ.get("GIRCSE_BENCH_BUDGET", 600 if size == "default" else 0))
+    if budget_s < 0:
+        raise pytest.UsageError(f"--bench-budget must be >= 0 seconds (0 = no budget), got {budget_s}")
+    config.pluginmanager.register(Budget(report, budget_s), "gircse_bench_budget")
 
 
 def pytest_sessionfinish(session, exitstatus):

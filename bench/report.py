@@ -133,6 +133,8 @@ class Report:
         self.sections: dict[str, Section] = {}
         self.checks: list[Check] = []
         self.figures: list[dict] = []
+        # the session itself (bench/budget.py): budget, each test's seconds, what the budget left out
+        self.run: dict = {}
 
     def section(self, id: str, title: str, text: str = "") -> Section:
         if id not in SECTION_ORDER:
@@ -158,6 +160,7 @@ class Report:
                          for s in self._ordered()],
             "checks": [dict(dataclasses.asdict(c), passed=c.passed) for c in self.checks],
             "figures": self.figures,
+            "run": self.run,
         }
 
     def to_markdown(self) -> str:
@@ -172,6 +175,14 @@ class Report:
             "repetitions). `cpu busy` = process CPU seconds / wall seconds of the measured call: far below "
             "the thread count means the process was waiting, e.g. for other load on a shared machine.",
         ]
+        if self.run.get("wall_s") is not None:
+            budget = self.run.get("budget_s")
+            skipped = self.run.get("skipped_for_budget") or []
+            lines.append(f"- Session: {self.run['wall_s']:.0f} s wall, {len(self.run.get('tests', []))} tests run"
+                         + (f", budget {budget:.0f} s (`--bench-budget`)" if budget else ", no time budget")
+                         + (f"; **not run for the budget** ({len(skipped)}): "
+                            + ", ".join(f"`{s['test']}` (~{s['estimate_s']:.0f} s)" for s in skipped)
+                            if skipped else "") + ".")
         failed = [c for c in self.checks if not c.passed]
         lines.append(f"- Correctness checks before timing: {len(self.checks) - len(failed)} of {len(self.checks)} "
                      "passed (relative error = max |result - reference| / max |reference|; bounds in "

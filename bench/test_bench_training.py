@@ -28,11 +28,14 @@ import gircse.model as gircse_model
 from bench.checks import check_close
 from bench.harness import measure_machine, time_methods
 from gircse import cost, flops
+from gircse.cpu_bf16 import native_bf16
 from gircse.generation import base_causal_lm, generate_soft_tokens_uncached
 from gircse.training import TrainConfig
 from gircse.training.trainer import (PREFILL_ROWS, _batch_texts, apply_lora, batch_gradients,
                                      frozen_linear_weights_in_bf16, trainable_parameters)
 
+# bf16: autocast where the device has native bf16 GEMMs (CUDA; AVX512-BF16 / AMX CPUs), else fp32 (an AVX2-only
+# CPU's bf16 matmul is emulated, ~50x slower than fp32: gircse.cpu_bf16).
 SETTINGS = {  # rows per step, hard negatives per row, max_length, K, GradCache chunk, repetitions, bf16
     "quick": dict(rows=2, negatives=0, max_length=40, k=2, chunk=2, reps=1, bf16=False),
     "default": dict(rows=4, negatives=0, max_length=48, k=5, chunk=4, reps=1, bf16=True),
@@ -96,8 +99,13 @@ def gradients(model, rows, config, method, cached) -> tuple[torch.Tensor, torch.
     return loss, flat_grads(params)
 
 
+def bf16_here(device: torch.device) -> bool:
+    return device.type == "cuda" or native_bf16()
+
+
 def test_bench_training(smollm2, report, size):
-    s = SETTINGS[size]
+    s = dict(SETTINGS[size])
+    s["bf16"] = s["bf16"] and bf16_here(smollm2.device)
     config = TrainConfig(method="gircse", k=s["k"], batch_size=s["rows"], num_negatives=s["negatives"],
                          max_length=s["max_length"], bf16=s["bf16"], max_grad_norm=1.0, progress=False)
     model = lora_copy(smollm2, config)
@@ -143,7 +151,7 @@ def test_bench_training(smollm2, report, size):
     section = report.section("training", "Training level: one optimizer step on SmolLM2-135M", (
         f"{s['rows']} rows per step ({texts} texts: queries, positives and {s['negatives']} hard negative(s) "
         f"per row), max_length {s['max_length']}, K = {s['k']}, LoRA r = 64 / alpha = 32 on all linear layers, "
-        f"AdamW, clipping at 1.0, {'bf16 autocast' if s['bf16'] else 'fp32'}; GradCache chunk {s['chunk']} "
+        f"AdamW, clipping at 1.0, {'bf16 autocast' if s['bf16'] else 'fp32 (no native bf16 GEMM here)'}; GradCache chunk {s['chunk']} "
         "texts. Time: best of the round-robin repetitions after a first (memory-measuring) step; peak "
         "memory: the step's peak RSS above what was held before it (CPU) or peak allocated (CUDA). Ratios "
         "are to Causal-EOS with the same GradCache setting."))
@@ -175,7 +183,7 @@ def test_bench_training_step(smollm2, report, size):
     against ``gircse.cost.training_memory``."""
     s = MICRO_BATCH[size]
     device = smollm2.device
-    bf16 = device.type == "cuda" or torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    bf16 = bf16_here(device)
     config = TrainConfig(method="gircse", k=s["k"], batch_size=s["rows"], num_negatives=s["negatives"],
                          max_length=s["max_length"], bf16=bf16, progress=False)
     model = lora_copy(smollm2, config)
