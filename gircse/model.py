@@ -286,8 +286,8 @@ class GIRCSE(nn.Module):
         A NaN or infinite embedding (broken weights, an fp16 overflow) is a ValueError naming the text,
         never a returned vector: it would score as a perfect match in some metrics and is not valid JSON.
 
-        ``on_batch``: called after each batch with the number of texts it embedded (e.g. a caller's own
-        progress bar spanning several calls).
+        ``on_batch``: called after each decode group with the number of texts it embedded (e.g. a caller's
+        own progress bar spanning several calls).
         """
         single = isinstance(texts, str)
         texts = validate_texts([texts] if single else texts)

@@ -136,8 +136,11 @@ def test_requested_spec_is_what_loading_gives(tiny_dir, tiny_model, tmp_path):
 
 
 def test_encode_reports_each_batch(tiny_model):
-    seen = []
+    seen = []  # the K soft-token steps run on decode groups (here all 10 texts): one call per group
     tiny_model.encode(TEXTS[:10], batch_size=4, on_batch=seen.append)
+    assert seen == [10]
+    seen = []
+    tiny_model.encode(TEXTS[:10], batch_size=4, decode_batch_size=4, on_batch=seen.append)
     assert seen == [4, 4, 2]
 
 
