@@ -581,3 +581,25 @@ def test_setup_fails_loudly_when_the_extension_is_required(tmp_path, required):
     assert "C++ CPU extension not built" in run.stderr
     assert (run.returncode != 0) == required, run.stderr[-2000:]
     assert not list((tmp_path / "gircse_kernels").glob("_C*.so"))
+
+
+def test_setup_lists_the_sources_the_jit_build_compiles():
+    """setup.py names every C++ source explicitly; the JIT fallback compiles every csrc/*.cpp: the same files."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(cpu.__file__).resolve().parent.parent
+    setup = ast.parse((root / "setup.py").read_text())
+    listed = [ast.literal_eval(node.value) for node in setup.body
+              if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SOURCES" for t in node.targets)]
+    assert listed == [[p.relative_to(root).as_posix() for p in cpu._sources()]]
+    assert len(listed[0]) > 1
+
+
+def test_jit_build_without_csrc_names_what_is_missing(tmp_path, monkeypatch):
+    import re
+
+    missing = tmp_path / "csrc"
+    monkeypatch.setattr(cpu, "_CSRC", missing)
+    with pytest.raises(ImportError, match=re.escape(f"no {missing}/*.cpp (installed without csrc/)")):
+        cpu._jit_build()
