@@ -35,14 +35,13 @@ def _not_built(what):
 # fallback compiles every .cpp under csrc/; tests/gircse_kernels/test_cpu.py checks the two agree.
 SOURCES = [
     "csrc/bindings.cpp",
-    "csrc/cpu_features.cpp",
-    "csrc/merge_plan.cpp",
+    "csrc/plan.cpp",
     "csrc/stream_kernels.cpp",
     "csrc/stream_path.cpp",
     "csrc/tile_kernels.cpp",
     "csrc/tile_path.cpp",
 ]
-HEADERS = ["csrc/host.h", "csrc/kernels.h", "csrc/vec.h"]
+HEADERS = ["csrc/host.h", "csrc/kernels.h", "csrc/merge.h", "csrc/vec.h"]
 
 ext_modules, cmdclass = [], {}
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <tuple>
 
-namespace gircse {
+GIRCSE_NAMESPACE {
 namespace {
 
 void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& embed,

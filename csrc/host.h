@@ -1,6 +1,6 @@
-// What the host-side files share (cpu_features.cpp, merge_plan.cpp, stream_path.cpp, tile_path.cpp,
-// bindings.cpp): the op's parameters, the tile configuration and the path choice, small helpers, and
-// the functions one of them defines for the others. It includes ATen's tensor headers, which the
+// What the host-side files share (plan.cpp, stream_path.cpp, tile_path.cpp, bindings.cpp): the op's
+// parameters, the tile configuration and the path choice, small helpers, and the functions one of
+// them defines for the others. It includes ATen's tensor headers, which the
 // kernel files (kernels.h) do without. What the op computes and how the files divide it:
 // csrc/README.md.
 #pragma once
@@ -19,7 +19,7 @@
 #include <tuple>
 #include <utility>
 
-namespace gircse {
+GIRCSE_NAMESPACE {
 
 using at::Tensor;
 
@@ -77,7 +77,7 @@ void dispatch_dtype(at::ScalarType dt, const Fn& fn) {
   }
 }
 
-// ---- cpu_features.cpp: what the CPU can do.
+// ---- plan.cpp: what the CPU can do.
 bool isa_supported(int64_t isa);
 int64_t best_isa();
 int64_t resolve_isa(const std::string& name);
@@ -89,7 +89,7 @@ int64_t resolve_gemm(const std::string& name, at::ScalarType dtype, int64_t d, i
 void brgemm(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
             int64_t ldb, float* C, int64_t ldc, bool add_C);
 
-// ---- merge_plan.cpp: how a call is cut up, and how its splits are merged.
+// ---- plan.cpp: which path a call takes, and how its work is cut.
 Choice choose(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, at::ScalarType dtype, bool backward,
               bool invariant, int64_t tile_v, int64_t row_block, int64_t partial_budget, int64_t stream_rows,
               const std::string& isa, const std::string& gemm);
@@ -97,8 +97,6 @@ int64_t stream_split_count(int64_t vocab, bool invariant);
 int64_t stream_pass_rows(int64_t rows, int64_t splits, int64_t width, int64_t budget);
 std::pair<int64_t, int64_t> split_tiles(const TileConfig& c, int64_t s);
 std::pair<int64_t, int64_t> group_rows(const TileConfig& c, int64_t rows, int64_t g);
-std::tuple<Tensor, Tensor> merge_splits(Tensor acc, const Tensor& run_m, const Tensor& run_s, int64_t d_e);
-Tensor sum_partials(const Tensor& part, int64_t width, at::ScalarType dtype);
 
 // ---- stream_path.cpp
 std::tuple<Tensor, Tensor> stream_forward(const Tensor& hidden, const Tensor& weight, const Tensor& embed,

@@ -10,11 +10,17 @@
 #include <cstdint>
 #include <limits>
 
-namespace gircse {
+// Everything in namespace gircse stays inside the extension: hidden visibility keeps the functions the
+// files share, and their inline constants, out of the .so's dynamic symbol table, as the anonymous
+// namespace of a single file did, so that two builds loaded into one process (the installed _C and a
+// JIT build, say) cannot bind to each other's definitions. Every file opens the namespace this way.
+#define GIRCSE_NAMESPACE namespace gircse __attribute__((visibility("hidden")))
+
+GIRCSE_NAMESPACE {
 
 inline constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// The instruction sets the kernels are cloned for (cpu_features.cpp detects and resolves them).
+// The instruction sets the kernels are cloned for (plan.cpp detects and resolves them).
 enum Isa : int64_t { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 inline constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
 inline constexpr int64_t kIsaWidth[] = {4, 8, 16};  // fp32 lanes of a vector in each clone
@@ -130,7 +136,7 @@ struct Kernels {
 
 // The clones: the same source compiled for each instruction set through GCC's function-level target
 // attribute, every helper they call (vec.h) inlined into them. The kernel files define them, each
-// with the attribute spelled here; cpu_features.cpp puts them in the tables kernels_for returns.
+// with the attribute spelled here; plan.cpp puts them in the tables kernels_for returns.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GIRCSE_ISA_CLONES 1
 #define GIRCSE_TARGET_avx2 __attribute__((target("arch=x86-64-v3")))

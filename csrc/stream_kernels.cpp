@@ -11,7 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
-namespace gircse {
+GIRCSE_NAMESPACE {
 namespace {
 
 // Pointers to the chunk's n vocabulary rows (unit stride); rows with a non-unit last stride are first

@@ -1,8 +1,9 @@
 // The streaming path's host side: cuts the vocabulary into splits and the rows into groups of
 // kStreamRows, runs one streaming-kernel job (stream_kernels.cpp) per (split, group) over ATen
-// threads, merges the splits (merge_plan.cpp), and runs large batch-invariant batches in passes of
+// threads, merges the splits (merge.h), and runs large batch-invariant batches in passes of
 // rows. Apart from the kernels, which are compiled once per instruction set.
 #include "host.h"
+#include "merge.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -10,7 +11,7 @@
 
 #include <algorithm>
 
-namespace gircse {
+GIRCSE_NAMESPACE {
 namespace {
 
 template <typename T>

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <cstring>
 
-namespace gircse {
+GIRCSE_NAMESPACE {
 namespace {
 
 template <int kW>

@@ -2,8 +2,9 @@
 // GEMMs (ATen / MKL in fp32, or oneDNN's brgemm on bf16 operands), the elementwise kernels between
 // them (tile_kernels.cpp), the weight-gradient accumulators and their fixed-order sums. The two
 // engines share every loop, buffer and accumulation and differ only in their GEMM calls and operand
-// layouts, so they stay in one file. How tiles, splits and groups are sized: merge_plan.cpp.
+// layouts, so they stay in one file. How tiles, splits and groups are sized: plan.cpp.
 #include "host.h"
+#include "merge.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/cat.h>
@@ -16,7 +17,7 @@
 #include <algorithm>
 #include <vector>
 
-namespace gircse {
+GIRCSE_NAMESPACE {
 namespace {
 
 // Per-thread buffers of the tile path: one [threads, numel] allocation per kind (none when unused).

@@ -14,7 +14,7 @@
 
 #define GI inline __attribute__((always_inline))
 
-namespace gircse {
+GIRCSE_NAMESPACE {
 
 template <int kW>
 struct VT {
