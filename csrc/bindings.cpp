@@ -129,7 +129,7 @@ py::dict plan(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, const std::st
     const int64_t splits = stream_split_count(vocab, batch_invariant);
     out["splits"] = splits;
     // Row passes (backward: when d_hidden is the only gradient; with weight gradients, one pass).
-    out["groups"] = ceil_div(rows, stream_pass_rows(rows, splits, backward ? d : d_e, ch.budget));
+    out["groups"] = ceil_div(rows, stream_pass_rows(rows, splits, backward ? d : d_e, ch.budget, backward));
   } else {
     out["gemm"] = kGemmNames[ch.engine];
     out["tile_v"] = ch.tiles.tile_v;

@@ -94,7 +94,7 @@ Choice choose(int64_t rows, int64_t vocab, int64_t d, int64_t d_e, at::ScalarTyp
               bool invariant, int64_t tile_v, int64_t row_block, int64_t partial_budget, int64_t stream_rows,
               const std::string& isa, const std::string& gemm);
 int64_t stream_split_count(int64_t vocab, bool invariant);
-int64_t stream_pass_rows(int64_t rows, int64_t splits, int64_t width, int64_t budget);
+int64_t stream_pass_rows(int64_t rows, int64_t splits, int64_t width, int64_t budget, bool backward);
 std::pair<int64_t, int64_t> split_tiles(const TileConfig& c, int64_t s);
 std::pair<int64_t, int64_t> group_rows(const TileConfig& c, int64_t rows, int64_t g);
 

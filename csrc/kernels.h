@@ -28,6 +28,9 @@ inline constexpr int64_t kIsaWidth[] = {4, 8, 16};  // fp32 lanes of a vector in
 inline constexpr int64_t kMaxW = 16;           // widest vector (AVX512): chunk of vocabulary rows
 inline constexpr int64_t kStreamRows = 16;     // hidden rows per streaming group (stack state)
 inline constexpr int64_t kMaxStreamRows = 64;  // largest stream_rows threshold
+// Vocabulary rows per block of the streaming kernels' sums (a multiple of every clone's chunk): ~sqrt
+// of a split's rows at V = 49k, which minimizes the longest chain of dependent fp32 additions.
+inline constexpr int64_t kStreamBlock = 128;
 
 // fp32 -> T, in the kernels and in the host's weight-gradient sums alike.
 template <typename T>
@@ -58,6 +61,7 @@ struct StreamForwardJob {
   float* m_out;    // [rows] running max, running sum after the range
   float* s_out;
   float* acc;      // [rows, ld_acc] unnormalized output (zero on entry)
+  float* block;    // [rows, ld_acc] scratch: the current vocabulary block's accumulator
   int64_t ld_acc;
   T* gather;       // kMaxW * (d + d_e) elements
 };
@@ -74,6 +78,7 @@ struct StreamBackwardJob {
   int64_t rows;
   int64_t v_begin, v_end;
   float* dh;  // [rows, ld_dh] this split's fp32 partial of d hidden, or nullptr
+  float* dh_block;  // [rows, ld_dh] scratch (with dh): the current vocabulary block's part of it
   int64_t ld_dh;
   T* dw;  // [V, d] contiguous, or nullptr
   T* de;  // [V, d_e] contiguous, or nullptr (also when merged into dw)

@@ -253,11 +253,14 @@ int64_t stream_split_count(int64_t vocab, bool invariant) {
 }
 
 // Rows per streaming pass: the S per-split partials of a row (S x ld floats, plus its running max and
-// sum) of every row in flight stay under `budget` bytes, in whole kStreamRows groups. Only batch-
-// invariant calls stream large batches (S up to 8 there); each row's arithmetic is the same in any
-// pass, so running the rows in several passes changes no bit of the result.
-int64_t stream_pass_rows(int64_t rows, int64_t splits, int64_t width, int64_t budget) {
-  const int64_t per_row = splits * (round_up(width, 16) + 2) * static_cast<int64_t>(sizeof(float));
+// sum) of every row in flight stay under `budget` bytes, in whole kStreamRows groups; in the backward,
+// so do the block sums of d hidden (ld floats per row for each split running at once; the forward's
+// are kStreamRows rows per thread whatever the batch). Only batch-invariant calls stream
+// large batches (S up to 8 there); each row's arithmetic is the same in any pass, so running the rows
+// in several passes changes no bit of the result.
+int64_t stream_pass_rows(int64_t rows, int64_t splits, int64_t width, int64_t budget, bool backward) {
+  const int64_t buffers = splits + (backward ? std::min(splits, threads()) : 0);
+  const int64_t per_row = buffers * (round_up(width, 16) + 2) * static_cast<int64_t>(sizeof(float));
   return std::min(rows, std::max<int64_t>(kStreamRows, budget / per_row / kStreamRows * kStreamRows));
 }
 

@@ -238,32 +238,61 @@ struct Chunk {
   }
 };
 
-// Online softmax over vocabulary rows [v_begin, v_end) for `rows` hidden rows.
+// acc[r, :] = acc[r, :] * scale[r] + block[r, :] for `rows` rows (row stride ld, width cols): a
+// finished vocabulary block folded into the split's running sums.
+GI void fold_block(float* acc, const float* block, int64_t ld, int64_t rows, int64_t cols, const float* scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* a = acc + r * ld;
+    const float* x = block + r * ld;
+    for (int64_t k = 0; k < cols; ++k) a[k] = a[k] * scale[r] + x[k];
+  }
+}
+
+// Online softmax over vocabulary rows [v_begin, v_end) for `rows` hidden rows, in blocks of
+// kStreamBlock vocabulary rows: each block's terms go into a block accumulator (and block sum) that
+// starts at zero and is folded into the running ones when the block ends, so an output element is
+// the end of ~kStreamBlock + (v_end - v_begin) / kStreamBlock dependent additions instead of
+// v_end - v_begin (whose fp32 error was ~10x the naive formula's at V = 49k on 2 threads).
+// A new running max inside a block rescales the block accumulator at once and the running one when
+// the block is folded (by exp(max at the block's start - max now)).
 template <int kW, typename T>
 GI void stream_forward_impl(const StreamForwardJob<T>& job) {
   typedef typename VT<kW>::F F;
   const StreamArgs<T>& a = job.a;
-  float run_m[kStreamRows], run_s[kStreamRows], scale[kStreamRows];
+  float run_m[kStreamRows], run_s[kStreamRows], block_m[kStreamRows], block_s[kStreamRows], scale[kStreamRows];
   alignas(64) float p[kStreamRows * kW];
   for (int64_t b = 0; b < job.rows; ++b) {
     run_m[b] = -kInf;
     run_s[b] = 0.f;
   }
-  for (int64_t v0 = job.v_begin; v0 < job.v_end; v0 += kW) {
-    const Chunk<kW, T> c(a, v0, job.v_end, job.gather);
+  for (int64_t v_block = job.v_begin; v_block < job.v_end; v_block += kStreamBlock) {
+    const int64_t v_block_end = std::min(job.v_end, v_block + kStreamBlock);
     for (int64_t b = 0; b < job.rows; ++b) {
-      F z = finish_logits<kW>(chunk_dots<kW>(c.wrows, job.h + b * a.d, a.d), c.bias, a.temperature, a.softcap,
-                              nullptr);
-      z = c.valid ? z : F{} - kInf;
-      const float m_new = std::max(run_m[b], hmax<kW>(z));
-      const float safe = m_new == -kInf ? 0.f : m_new;  // fully masked so far: exp(-inf - 0) = 0
-      scale[b] = std::exp(run_m[b] - safe);
-      const F pv = vexp<kW>(z - safe);
-      run_s[b] = run_s[b] * scale[b] + hsum<kW>(pv);
-      run_m[b] = m_new;
-      vstore<kW>(p + b * kW, pv);
+      block_m[b] = run_m[b];
+      block_s[b] = 0.f;
+      std::memset(job.block + b * job.ld_acc, 0, a.d_e * sizeof(float));
     }
-    accumulate_rows<kW>(job.acc, job.ld_acc, job.rows, scale, p, c.erows, c.n, a.d_e);
+    for (int64_t v0 = v_block; v0 < v_block_end; v0 += kW) {
+      const Chunk<kW, T> c(a, v0, v_block_end, job.gather);
+      for (int64_t b = 0; b < job.rows; ++b) {
+        F z = finish_logits<kW>(chunk_dots<kW>(c.wrows, job.h + b * a.d, a.d), c.bias, a.temperature, a.softcap,
+                                nullptr);
+        z = c.valid ? z : F{} - kInf;
+        const float m_new = std::max(run_m[b], hmax<kW>(z));
+        const float safe = m_new == -kInf ? 0.f : m_new;  // fully masked so far: exp(-inf - 0) = 0
+        scale[b] = std::exp(run_m[b] - safe);
+        const F pv = vexp<kW>(z - safe);
+        block_s[b] = block_s[b] * scale[b] + hsum<kW>(pv);
+        run_m[b] = m_new;
+        vstore<kW>(p + b * kW, pv);
+      }
+      accumulate_rows<kW>(job.block, job.ld_acc, job.rows, scale, p, c.erows, c.n, a.d_e);
+    }
+    for (int64_t b = 0; b < job.rows; ++b) {
+      scale[b] = std::exp(block_m[b] - (run_m[b] == -kInf ? 0.f : run_m[b]));
+      run_s[b] = run_s[b] * scale[b] + block_s[b];
+    }
+    fold_block(job.acc, job.block, job.ld_acc, job.rows, a.d_e, scale);
   }
   for (int64_t b = 0; b < job.rows; ++b) {
     job.m_out[b] = run_m[b];
@@ -273,7 +302,8 @@ GI void stream_forward_impl(const StreamForwardJob<T>& job) {
 
 // Gradients from vocabulary rows [v_begin, v_end): p = exp(z - lse) and dp = <dO, E_v> recomputed
 // per chunk (fp32, so no cancellation error in dz = p (dp - delta)); the rows of dW / dE / db are
-// owned by this split, d hidden goes into the split's fp32 partial.
+// owned by this split, d hidden goes into the split's fp32 partial a block of kStreamBlock
+// vocabulary rows at a time (summed in dh_block from zero, then added), as in the forward.
 template <int kW, typename T>
 GI void stream_backward_impl(const StreamBackwardJob<T>& job) {
   typedef typename VT<kW>::F F;
@@ -283,46 +313,53 @@ GI void stream_backward_impl(const StreamBackwardJob<T>& job) {
   float* DZ = job.work + job.rows * kMaxW;  // [rows][kW]
   float* ones = DZ + job.rows * kMaxW;      // [rows]
   for (int64_t b = 0; b < job.rows; ++b) ones[b] = 1.f;
-  for (int64_t v0 = job.v_begin; v0 < job.v_end; v0 += kW) {
-    const Chunk<kW, T> c(a, v0, job.v_end, job.gather);
-    for (int64_t b = 0; b < job.rows; ++b) {
-      F cap_grad;
-      const F z = finish_logits<kW>(chunk_dots<kW>(c.wrows, job.h_dot + b * a.d, a.d), c.bias, a.temperature,
-                                    a.softcap, &cap_grad);
-      F p = vexp<kW>(z - job.lse[b]);
-      p = c.valid ? p : F{};
-      F dz = F{};
-      if (need_dz) {
-        const F dp = chunk_dots<kW>(c.erows, job.g_dot + b * a.d_e, a.d_e);
-        dz = p * (dp - job.delta[b]) * cap_grad;
-        if (a.temperature != 1.0f) dz = dz / a.temperature;  // d raw logit
-        dz = c.valid ? dz : F{};
-      }
-      vstore<kW>(P + b * kW, p);
-      vstore<kW>(DZ + b * kW, dz);
+  for (int64_t v_block = job.v_begin; v_block < job.v_end; v_block += kStreamBlock) {
+    const int64_t v_block_end = std::min(job.v_end, v_block + kStreamBlock);
+    if (job.dh) {
+      for (int64_t b = 0; b < job.rows; ++b) std::memset(job.dh_block + b * job.ld_dh, 0, a.d * sizeof(float));
     }
-    if (job.grad_filter_eps > 0.f) {  // grad_filter.py: skip vocabulary rows below eps for every hidden row
-      F p_max = F{};
+    for (int64_t v0 = v_block; v0 < v_block_end; v0 += kW) {
+      const Chunk<kW, T> c(a, v0, v_block_end, job.gather);
       for (int64_t b = 0; b < job.rows; ++b) {
-        const F p = vload<kW>(P + b * kW);
-        p_max = (p > p_max) | (p != p) ? p : p_max;
+        F cap_grad;
+        const F z = finish_logits<kW>(chunk_dots<kW>(c.wrows, job.h_dot + b * a.d, a.d), c.bias, a.temperature,
+                                      a.softcap, &cap_grad);
+        F p = vexp<kW>(z - job.lse[b]);
+        p = c.valid ? p : F{};
+        F dz = F{};
+        if (need_dz) {
+          const F dp = chunk_dots<kW>(c.erows, job.g_dot + b * a.d_e, a.d_e);
+          dz = p * (dp - job.delta[b]) * cap_grad;
+          if (a.temperature != 1.0f) dz = dz / a.temperature;  // d raw logit
+          dz = c.valid ? dz : F{};
+        }
+        vstore<kW>(P + b * kW, p);
+        vstore<kW>(DZ + b * kW, dz);
       }
-      const typename VT<kW>::I skip = p_max < job.grad_filter_eps;
-      for (int64_t b = 0; b < job.rows; ++b) {
-        vstore<kW>(P + b * kW, skip ? F{} : vload<kW>(P + b * kW));
-        vstore<kW>(DZ + b * kW, skip ? F{} : vload<kW>(DZ + b * kW));
+      if (job.grad_filter_eps > 0.f) {  // grad_filter.py: skip vocabulary rows below eps for every hidden row
+        F p_max = F{};
+        for (int64_t b = 0; b < job.rows; ++b) {
+          const F p = vload<kW>(P + b * kW);
+          p_max = (p > p_max) | (p != p) ? p : p_max;
+        }
+        const typename VT<kW>::I skip = p_max < job.grad_filter_eps;
+        for (int64_t b = 0; b < job.rows; ++b) {
+          vstore<kW>(P + b * kW, skip ? F{} : vload<kW>(P + b * kW));
+          vstore<kW>(DZ + b * kW, skip ? F{} : vload<kW>(DZ + b * kW));
+        }
+      }
+      if (job.dh) accumulate_rows<kW>(job.dh_block, job.ld_dh, job.rows, ones, DZ, c.wrows, c.n, a.d);
+      if (job.dw) {
+        weight_grad_rows<kW>(job.dw + v0 * a.d, a.d, job.rows, c.n, DZ, job.h, job.merge_tied ? P : nullptr, job.g);
+      }
+      if (job.de) weight_grad_rows<kW>(job.de + v0 * a.d_e, a.d_e, job.rows, c.n, P, job.g, nullptr, nullptr);
+      if (job.db) {
+        F s = F{};
+        for (int64_t b = 0; b < job.rows; ++b) s += vload<kW>(DZ + b * kW);
+        for (int64_t i = 0; i < c.n; ++i) job.db[v0 + i] = narrow_to<T>(s[i]);
       }
     }
-    if (job.dh) accumulate_rows<kW>(job.dh, job.ld_dh, job.rows, ones, DZ, c.wrows, c.n, a.d);
-    if (job.dw) {
-      weight_grad_rows<kW>(job.dw + v0 * a.d, a.d, job.rows, c.n, DZ, job.h, job.merge_tied ? P : nullptr, job.g);
-    }
-    if (job.de) weight_grad_rows<kW>(job.de + v0 * a.d_e, a.d_e, job.rows, c.n, P, job.g, nullptr, nullptr);
-    if (job.db) {
-      F s = F{};
-      for (int64_t b = 0; b < job.rows; ++b) s += vload<kW>(DZ + b * kW);
-      for (int64_t i = 0; i < c.n; ++i) job.db[v0 + i] = narrow_to<T>(s[i]);
-    }
+    if (job.dh) fold_block(job.dh, job.dh_block, job.ld_dh, job.rows, a.d, ones);
   }
 }
 

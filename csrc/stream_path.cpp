@@ -45,16 +45,17 @@ std::tuple<Tensor, Tensor> stream_forward_rows(const Tensor& hidden, const Tenso
   const Tensor h32 = dot_operand(hidden, hidden.scalar_type(), isa);
   const bool gather = weight.stride(1) != 1 || embed.stride(1) != 1;
   Tensor scratch = at::empty({gather ? threads() : 0, kMaxW * (d + d_e)}, weight.options());
+  Tensor block = at::empty({threads(), std::min(rows, kStreamRows) * ld}, f32);  // the kernels' block sums
   dispatch_dtype(hidden.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const StreamArgs<T> args = stream_args<T>(weight, embed, bias, prm, tied);
     parallel_items(S * G, [&](int64_t item) {
-      const int64_t s = item / G, g = item % G;
+      const int64_t s = item / G, g = item % G, tid = at::get_thread_num();
       const int64_t r0 = g * kStreamRows, n_rows = std::min(kStreamRows, rows - r0);
       StreamForwardJob<T> job{args, h32.data_ptr<float>() + r0 * d, n_rows, vocab * s / S, vocab * (s + 1) / S,
                               run_m.data_ptr<float>() + s * rows + r0, run_s.data_ptr<float>() + s * rows + r0,
-                              acc.data_ptr<float>() + (s * rows + r0) * ld, ld,
-                              gather ? scratch[at::get_thread_num()].template data_ptr<T>() : nullptr};
+                              acc.data_ptr<float>() + (s * rows + r0) * ld, block[tid].data_ptr<float>(), ld,
+                              gather ? scratch[tid].template data_ptr<T>() : nullptr};
       k.stream(hidden.scalar_type(), false, &job);
     });
   });
@@ -78,6 +79,7 @@ void stream_backward_rows(const Tensor& grad_out, const Tensor& hidden, const Te
   const int64_t t = threads();
   Tensor scratch = at::empty({gather ? t : 0, kMaxW * (d + d_e)}, weight.options());
   Tensor work = at::empty({t, (2 * kMaxW + 1) * rows}, f32);
+  Tensor dh_block = d_hidden ? at::empty({t, rows * ld}, f32) : Tensor();  // the kernels' block sums
   dispatch_dtype(hidden.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const StreamArgs<T> args = stream_args<T>(weight, embed, bias, prm, tied);
@@ -86,7 +88,8 @@ void stream_backward_rows(const Tensor& grad_out, const Tensor& hidden, const Te
       StreamBackwardJob<T> job{args, h32.data_ptr<float>(), g32.data_ptr<float>(), h_dot.data_ptr<float>(),
                                g_dot.data_ptr<float>(), lse.data_ptr<float>(),
                                delta.data_ptr<float>(), rows, vocab * s / S, vocab * (s + 1) / S,
-                               d_hidden ? dh_part.data_ptr<float>() + s * rows * ld : nullptr, ld,
+                               d_hidden ? dh_part.data_ptr<float>() + s * rows * ld : nullptr,
+                               d_hidden ? dh_block[tid].data_ptr<float>() : nullptr, ld,
                                d_weight ? d_weight->template data_ptr<T>() : nullptr,
                                d_embed ? d_embed->template data_ptr<T>() : nullptr,
                                d_bias ? d_bias->template data_ptr<T>() : nullptr, merge_tied,
@@ -105,7 +108,8 @@ std::tuple<Tensor, Tensor> stream_forward(const Tensor& hidden, const Tensor& we
                                           const std::optional<Tensor>& bias, const Params& prm, bool tied,
                                           bool invariant, int64_t isa, int64_t budget) {
   const int64_t rows = hidden.size(0);
-  const int64_t step = stream_pass_rows(rows, stream_split_count(weight.size(0), invariant), embed.size(1), budget);
+  const int64_t splits = stream_split_count(weight.size(0), invariant);
+  const int64_t step = stream_pass_rows(rows, splits, embed.size(1), budget, false);
   if (step >= rows) return stream_forward_rows(hidden, weight, embed, bias, prm, tied, invariant, isa);
   Tensor out = at::empty({rows, embed.size(1)}, hidden.options().dtype(at::kFloat));
   Tensor lse = at::empty({rows}, out.options());
@@ -126,7 +130,8 @@ void stream_backward(const Tensor& grad_out, const Tensor& hidden, const Tensor&
                      std::optional<Tensor>& d_hidden, std::optional<Tensor>& d_weight,
                      std::optional<Tensor>& d_embed, std::optional<Tensor>& d_bias) {
   const int64_t rows = hidden.size(0);
-  const int64_t step = stream_pass_rows(rows, stream_split_count(weight.size(0), invariant), hidden.size(1), budget);
+  const int64_t splits = stream_split_count(weight.size(0), invariant);
+  const int64_t step = stream_pass_rows(rows, splits, hidden.size(1), budget, true);
   if (step >= rows || d_weight || d_embed || d_bias || !d_hidden) {
     stream_backward_rows(grad_out, hidden, weight, embed, bias, lse, delta, prm, tied, merge_tied, grad_filter_eps,
                          invariant, isa, d_hidden, d_weight, d_embed, d_bias);

@@ -22,7 +22,9 @@ them (AVX512-BF16, AMX) and fp32 GEMMs on upcast tiles elsewhere. Precision: the
 the fp32 GEMMs accumulate everything in fp32 (out32 within ~1e-6 of the fp64 result, relative); the
 native bf16 GEMMs round their operands p and dz to bf16 (out32 within ~2e-3, like FlashAttention).
 Extra memory: the tile path's per-split partials stay under 64 MiB whatever the thread count (row
-groups take over from vocabulary splits for large B x d), plus tile-sized buffers per thread.
+groups take over from vocabulary splits for large B x d), plus tile-sized buffers per thread; the
+streaming path's per-split partials plus a block accumulator per thread (16 x d_e floats forward,
+B x d backward, counted in the same 64 MiB when a batch-invariant backward runs in passes).
 
 ``batch_invariant=True`` makes a row's output, lse and d_hidden bit-for-bit independent of the batch
 it is in and of the thread count (for one ISA clone): every B streams, over a number of vocabulary
