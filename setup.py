@@ -1,6 +1,6 @@
 """Build script. Metadata lives in pyproject.toml; this file only adds the optional C++ extension.
 
-``gircse_kernels._C`` (csrc/soft_token_embedding.cpp) is compiled against the installed torch
+``gircse_kernels._C`` (the sources in csrc/, listed in SOURCES) is compiled against the installed torch
 (``pip install --no-build-isolation``) with ninja, ``-O3`` and OpenMP, without ``-march=native`` so a
 built wheel runs on any x86-64 CPU (the heavy lifting is in torch's own runtime-dispatched kernels).
 If torch's build helpers or a C++ compiler are missing, or the compilation fails, the install still
@@ -31,6 +31,18 @@ def _not_built(what):
     warnings.warn(f"gircse: {what}; gircse_kernels.cpu will try a JIT build at first use")
 
 
+# Every C++ source of the extension (csrc/README.md says what each holds). gircse_kernels/cpu.py's JIT
+# fallback compiles every .cpp under csrc/; tests/gircse_kernels/test_cpu.py checks the two agree.
+SOURCES = [
+    "csrc/bindings.cpp",
+    "csrc/plan.cpp",
+    "csrc/stream_kernels.cpp",
+    "csrc/stream_path.cpp",
+    "csrc/tile_kernels.cpp",
+    "csrc/tile_path.cpp",
+]
+HEADERS = ["csrc/host.h", "csrc/kernels.h", "csrc/merge.h", "csrc/vec.h"]
+
 ext_modules, cmdclass = [], {}
 
 if not _flag("GIRCSE_NO_EXTENSION"):
@@ -60,9 +72,10 @@ if not _flag("GIRCSE_NO_EXTENSION"):
 
         ext_modules.append(CppExtension(
             name="gircse_kernels._C",
-            sources=["csrc/soft_token_embedding.cpp"],
+            sources=SOURCES,
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
+            depends=HEADERS,
         ))
         cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=True)
 

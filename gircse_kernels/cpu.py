@@ -1,8 +1,8 @@
 """C++ CPU backend (``backend="cpu"``): a thin typed wrapper around the extension ``gircse_kernels._C``.
 
-The extension (``csrc/soft_token_embedding.cpp``) is normally compiled by ``pip install`` (setup.py,
-CppExtension + ninja). When the installed package has no compiled ``_C`` (no compiler at install
-time, or a source checkout), the first use tries a JIT build of the same source with
+The extension (the C++ sources in ``csrc/``, described in ``csrc/README.md``) is normally compiled by
+``pip install`` (setup.py, CppExtension + ninja). When the installed package has no compiled ``_C`` (no
+compiler at install time, or a source checkout), the first use tries a JIT build of the same sources with
 ``torch.utils.cpp_extension.load`` (cached under ``$GIRCSE_EXT_DIR`` or torch's extension directory);
 if that fails too, :func:`available` returns False and ``backend="auto"`` falls back to
 ``backend="torch"`` with a one-time warning (see ``backends.py``). ``GIRCSE_NO_JIT=1`` disables the
@@ -15,14 +15,16 @@ Backend contract (shared by every backend module, see ``autograd.py``):
 unit last stride; the weights may have any strides (a transposed view is read tile by tile, never
 copied whole). Never a [B, V] buffer.
 
-Two paths (details in the C++ file): small batches (B <= 8 in bf16 with native bf16 GEMMs, else
+Two paths (details in ``csrc/README.md``): small batches (B <= 8 in bf16 with native bf16 GEMMs, else
 B <= 16) stream each W / E row once (vector code cloned for AVX512, AVX2 and baseline x86-64, chosen
 from the CPU); larger ones run tile GEMMs, with native bf16 GEMMs (fp32 output) where the CPU has
 them (AVX512-BF16, AMX) and fp32 GEMMs on upcast tiles elsewhere. Precision: the streaming path and
 the fp32 GEMMs accumulate everything in fp32 (out32 within ~1e-6 of the fp64 result, relative); the
 native bf16 GEMMs round their operands p and dz to bf16 (out32 within ~2e-3, like FlashAttention).
 Extra memory: the tile path's per-split partials stay under 64 MiB whatever the thread count (row
-groups take over from vocabulary splits for large B x d), plus tile-sized buffers per thread.
+groups take over from vocabulary splits for large B x d), plus tile-sized buffers per thread; the
+streaming path's per-split partials plus a block accumulator per thread (16 x d_e floats forward,
+B x d backward, counted in the same 64 MiB when a batch-invariant backward runs in passes).
 
 ``batch_invariant=True`` makes a row's output, lse and d_hidden bit-for-bit independent of the batch
 it is in and of the thread count (for one ISA clone): every B streams, over a number of vocabulary
@@ -58,7 +60,7 @@ import warnings
 
 import torch
 
-_SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "soft_token_embedding.cpp"
+_CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 _lock = threading.Lock()
 _ext: types.ModuleType | None = None
 _load_error: str | None = None
@@ -74,16 +76,22 @@ def extension_required() -> bool:
     return _env_flag("GIRCSE_REQUIRE_EXTENSION")
 
 
+def _sources() -> list[pathlib.Path]:
+    """The extension's C++ sources: every ``.cpp`` in ``csrc/`` (setup.py lists the same files)."""
+    return sorted(_CSRC.glob("*.cpp"))
+
+
 def _jit_build() -> types.ModuleType:
     from torch.utils import cpp_extension
 
-    if not _SOURCE.is_file():
-        raise ImportError(f"C++ source {_SOURCE} not found (installed without csrc/)")
+    sources = _sources()
+    if not sources:
+        raise ImportError(f"C++ sources not found: no {_CSRC}/*.cpp (installed without csrc/)")
     build_dir = os.environ.get("GIRCSE_EXT_DIR")
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
     return cpp_extension.load(
-        name="gircse_kernels_C_jit", sources=[str(_SOURCE)],
+        name="gircse_kernels_C_jit", sources=[str(s) for s in sources],
         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
         build_directory=build_dir, verbose=False,
     )
