@@ -4,7 +4,7 @@ A new user types ``pytest bench/`` on whatever CPU they have; the default run mu
 minutes there and say what it left out. So:
 
 * tests run most important first (``PRIORITY``: the model-level cost against Causal-EOS, then the op,
-  then the rest; the GPU-check tool's own tests last);
+  then the rest);
 * each test has an estimate: the seconds it took in a reference run (``REFERENCE``: the default size,
   alone on the cores of ``REFERENCE_MACHINE``), scaled by the reference machine's fp32 GEMM rate over
   this machine's, measured once at the start (``harness.measure_machine``, ~1 s). A test with no
@@ -43,14 +43,40 @@ PRIORITY = (
     "bench/test_bench_cpu_kinds.py",
     "bench/test_bench_regression.py",
     "bench/test_bench_flops.py",
-    "bench/test_gpu_check.py",
 )
 
 # Seconds per test at the default size, alone on the reference machine's 2 cores (node id prefix: seconds;
-# the longest matching prefix wins). Measured by one `pytest bench/ --bench-budget 0 --durations=0` run.
-REFERENCE_MACHINE = "Intel Xeon (Sapphire Rapids, AMX), 2 vCPUs"
-REFERENCE_FP32_GFLOPS = 150.0
-REFERENCE: dict[str, float] = {}
+# the longest matching prefix wins), from the progress lines of one `pytest bench/ --bench-budget 0` run
+# (2026-12-07, 835 s in all; its fp32 GEMM rate from the same run's encode-cost section).
+REFERENCE_MACHINE = "Intel Xeon (family 6 model 167, AMX + AVX512-BF16), 2 vCPUs, torch 2.13.0+cpu"
+REFERENCE_FP32_GFLOPS = 337.0
+REFERENCE: dict[str, float] = {
+    "bench/test_bench_flops.py::test_table6": 0.0,
+    "bench/test_bench_model.py::test_bench_encode_documents": 174.1,
+    "bench/test_bench_training.py::test_bench_training_step": 73.6,
+    "bench/test_bench_op.py::test_bench_op[smollm2-135m-bf16-1]": 12.2,
+    "bench/test_bench_op.py::test_bench_op[smollm2-135m-bf16-64]": 14.6,
+    "bench/test_bench_op.py::test_bench_op[smollm2-135m-fp32-1]": 11.1,
+    "bench/test_bench_op.py::test_bench_op[smollm2-135m-fp32-64]": 17.1,
+    "bench/test_bench_op.py::test_bench_op[qwen2.5-0.5b-bf16-1]": 31.2,
+    "bench/test_bench_op.py::test_bench_op[qwen2.5-0.5b-bf16-64]": 47.6,
+    "bench/test_bench_op.py::test_bench_op[qwen2.5-0.5b-fp32-1]": 32.7,
+    "bench/test_bench_op.py::test_bench_decode_step": 37.0,
+    "bench/test_bench_op.py::test_bench_cpu_small_batch[bf16]": 13.8,
+    "bench/test_bench_op.py::test_bench_cpu_small_batch[fp32]": 14.9,
+    "bench/test_bench_model.py::test_bench_encode": 78.1,
+    "bench/test_bench_model.py::test_profile_decode_step": 12.7,
+    "bench/test_bench_training.py::test_bench_training": 11.7,
+    "bench/test_bench_serve.py::test_serve_load": 39.7,
+    "bench/test_bench_corpus.py::test_bench_corpus_processes": 67.5,
+    "bench/test_bench_cpu_kinds.py::test_bench_cpu_kind[native]": 11.1,
+    "bench/test_bench_cpu_kinds.py::test_bench_cpu_kind[avx512-no-bf16]": 11.4,
+    "bench/test_bench_cpu_kinds.py::test_bench_cpu_kind[avx2]": 13.5,
+    "bench/test_bench_regression.py::test_headline[op-forward-smollm2-135m-bf16-1]": 0.2,
+    "bench/test_bench_regression.py::test_headline[op-forward-smollm2-135m-fp32-64]": 0.5,
+    "bench/test_bench_regression.py::test_headline[encode-gircse-k5-fp32-8]": 7.3,
+    "bench/test_bench_flops.py::test_flop_counter_agreement": 3.6,
+}
 
 
 def _rank(nodeid: str) -> int:

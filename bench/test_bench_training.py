@@ -124,11 +124,14 @@ def test_bench_training(smollm2, report, size):
             # multiplied by 1/tau = 50 in the InfoNCE logits: ~1e-3 of the gradient's scale.
             check_close(report, "training", "GIRCSE cached vs uncached: LoRA gradients", direct, uncached,
                         rel_tol=5e-3)
-        # Chunks of 2 texts group them as the direct path does (queries, documents): same forwards.
+        # GradCache's chunks of 2 texts run forwards of 2 rows where the direct path runs one of all 4: the
+        # same arithmetic on GEMMs of other shapes (tests/gircse/test_training.py checks the equality on a
+        # tiny model; test_model_generation.py shows row chunks change nothing in float64). GIRCSE's K
+        # feedback steps amplify that fp32 round-off: 1.2e-4 measured on the AMX Xeon, Causal-EOS < 1e-4.
         loss_gc, gradcache = gradients(model, check_rows, dataclasses.replace(small, embed_chunk=2), method, True)
         check_close(report, "training", f"{label} GradCache vs direct: loss", loss_gc, loss, rel_tol=1e-5)
         check_close(report, "training", f"{label} GradCache vs direct: LoRA gradients", gradcache, direct,
-                    rel_tol=1e-4)
+                    rel_tol=1e-3 if method == "gircse" else 1e-4)
 
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=1e-5)

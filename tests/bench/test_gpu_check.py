@@ -14,7 +14,7 @@ import pytest
 
 from bench.gpu_check import canaries, cli, graphs, oracle, precompile, report, shapes, sweep, timing, watchdog
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1"}
 
 
