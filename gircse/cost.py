@@ -73,6 +73,11 @@ def ideal_seconds(calls: Sequence[Call], machine: Machine) -> float:
     return sum(call.seconds(machine) for call in calls)
 
 
+def _check_method(method) -> None:
+    if method not in ("gircse", "causal-eos"):
+        raise ValueError(f"method must be 'gircse' or 'causal-eos', got {method!r}")
+
+
 def _lengths(name: str, lengths) -> list[int]:
     if isinstance(lengths, int):
         lengths = [lengths]
@@ -120,8 +125,7 @@ def encode_calls(model, method: str, lengths, k: int = 5, *, dtype_bytes: int = 
     """The calls of embedding texts of ``lengths`` tokens (Causal-EOS: without its EOS, which is
     added here) the way ``GIRCSE.encode`` groups them: longest first, prefills of ``batch_size`` texts,
     GIRCSE's K steps over ``decode_rows`` texts at once (None: ``batch_size``)."""
-    if method not in ("gircse", "causal-eos"):
-        raise ValueError(f"method must be 'gircse' or 'causal-eos', got {method!r}")
+    _check_method(method)
     shape = _shape(model)
     lengths = sorted(_lengths("lengths", lengths), reverse=True)
     batch_size, k = _count("batch_size", batch_size, 1), _count("k", k, 1)
@@ -156,8 +160,7 @@ def training_calls(model, method: str, lengths, k: int = 5, *, lora_rank: int = 
     (every text of the micro-batch: queries, positives, negatives; Causal-EOS: without its EOS), embedded
     as ``gircse train`` does: one forward, prefills of ``prefill_rows`` texts, GIRCSE's K steps on all
     texts at once; then the backward of every call, in reverse."""
-    if method not in ("gircse", "causal-eos"):
-        raise ValueError(f"method must be 'gircse' or 'causal-eos', got {method!r}")
+    _check_method(method)
     shape = _shape(model)
     lengths = sorted(_lengths("lengths", lengths), reverse=True)
     prefill_rows, k = _count("prefill_rows", prefill_rows, 1), _count("k", k, 1)
@@ -184,6 +187,7 @@ def training_memory(model, method: str, lengths, k: int = 5, *, lora_rank: int =
     (``weight_bytes`` per element, default ``dtype_bytes``), ``adapter_state`` (fp32 adapter weights,
     gradients and two Adam moments), ``activations`` (what the layers keep for backward at every
     position, including GIRCSE's K step positions) and ``kv_cache`` (each text's N + K positions)."""
+    _check_method(method)
     shape = _shape(model)
     lengths = _lengths("lengths", lengths)
     k = _count("k", k, 1)
