@@ -8,6 +8,8 @@ skipped. ``.gz`` files are decompressed on the fly. Errors name the file and the
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
 import os
 import zlib
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from ..validation import lone_surrogate
 
 __all__ = ["DataError", "check_row_text", "count_rows", "iter_rows", "json_line", "numbered_lines", "read_jsonl",
-           "validate_row"]
+           "validate_row", "write_jsonl_gz"]
 
 
 class DataError(ValueError):
@@ -144,3 +146,18 @@ def iter_rows(path: str | os.PathLike, *, skip: int = 0, min_neg: int = 0) -> It
 def count_rows(path: str | os.PathLike) -> int:
     """Number of non-blank lines (rows) without parsing them."""
     return sum(1 for _, line in numbered_lines(path) if line.strip())
+
+
+def write_jsonl_gz(path: str | os.PathLike, rows: list[dict]) -> str:
+    """Write ``rows`` as gzip'd JSONL (sorted keys, gzip mtime 0: the same rows give the same bytes), atomically
+    (a temporary file, then a rename); returns the SHA-256 of the bytes written."""
+    path = os.fspath(path)
+    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
+        gz.write(data)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+    return hashlib.sha256(buf.getvalue()).hexdigest()

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
-import io
 import json
 import os
 import random
 import re
 import subprocess
 from collections import defaultdict
+
+from ..jsonl import write_jsonl_gz
 
 __all__ = [
     "CLASSIFICATION_INSTRUCTION", "CLASSIFICATION_SECTIONS", "INSTRUCTION", "build", "build_examples",
@@ -229,18 +229,6 @@ def build_examples(translations: dict[str, tuple[str, str]], sections: dict[str,
     return {"train": rows(train), "dev_retrieval": rows(dev), "dev_classification": classification}
 
 
-def _write_jsonl_gz(path: str, rows: list[dict]) -> str:
-    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
-        gz.write(data)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-    return hashlib.sha256(buf.getvalue()).hexdigest()
-
-
 def build(out: str, *, translations: str = DEFAULT_TRANSLATIONS, dumpavail: str | None = None,
           **options) -> dict:
     """Build the three files and ``manifest.json`` in ``out``; returns the manifest."""
@@ -253,7 +241,7 @@ def build(out: str, *, translations: str = DEFAULT_TRANSLATIONS, dumpavail: str 
                 "source_packages": {"translations": len(trans), "with_section": len(set(trans) & set(sections))},
                 "files": {}}
     for name, rows in splits.items():
-        digest = _write_jsonl_gz(os.path.join(out, f"{name}.jsonl.gz"), rows)
+        digest = write_jsonl_gz(os.path.join(out, f"{name}.jsonl.gz"), rows)
         key = "label" if name == "dev_classification" else "section"
         per_section = defaultdict(int)
         for r in rows:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import CLASSIFICATION_INSTRUCTION, HERE, INSTRUCTION, _write_jsonl_gz
+from ..jsonl import write_jsonl_gz
+from . import CLASSIFICATION_INSTRUCTION, HERE, INSTRUCTION
 from .dev import load_dev
 
 __all__ = ["TASK_FILES", "build_task_files", "task_path"]
@@ -39,7 +40,7 @@ def build_task_files(out: str = HERE, *, retrieval_path: str | None = None,
     classification = [{"text": r["text"], "label": r["label"], "instruction": CLASSIFICATION_INSTRUCTION}
                       for r in load_dev("dev_classification", classification_path)]
     os.makedirs(out, exist_ok=True)
-    return {TASK_FILES[name]: _write_jsonl_gz(os.path.join(out, TASK_FILES[name]), rows)
+    return {TASK_FILES[name]: write_jsonl_gz(os.path.join(out, TASK_FILES[name]), rows)
             for name, rows in (("retrieval", retrieval), ("classification", classification))}
 
 

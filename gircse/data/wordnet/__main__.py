@@ -1,0 +1,5 @@
+import sys
+
+from gircse.data.wordnet import main
+
+sys.exit(main())
