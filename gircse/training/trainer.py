@@ -336,6 +336,15 @@ def plan_run(data, out, config: TrainConfig, *, resume: bool = False, overwrite:
                    warmup_steps=math.ceil(config.warmup_ratio * total), replaces=replaces)
 
 
+def _previous_resumes(config_path: str) -> list[int]:
+    """The steps earlier legs of a run resumed from, as its ``train_config.json`` records them."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return list(json.load(f).get("resumed_at_steps", []))
+    except (OSError, ValueError):  # absent or unreadable: the checkpoint, not this file, is the run's record
+        return []
+
+
 def _check_resumable(checkpoint: str, config: TrainConfig, data: str, sha256: str, world_size: int) -> None:
     """The checkpoint belongs to this run: the same options (but ``_RESUME_MAY_CHANGE``), ranks and data."""
     info = checkpoint_info(checkpoint)
@@ -363,7 +372,8 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
     """Train ``model`` (a ``GIRCSE`` or a name/path for ``GIRCSE.from_pretrained``) on a JSONL file.
 
     Writes to ``out``: ``checkpoint.safetensors`` (every ``checkpoint_every`` steps and at the end),
-    ``train_log.jsonl`` (one line per step: loss, L_1..L_K, lr, seconds), ``train_config.json`` and, when
+    ``train_log.jsonl`` (one line per step: loss, L_1..L_K, lr, seconds), ``train_config.json`` (the options of
+    the latest leg; a resumed run adds ``resumed_at_steps``) and, when
     the model has a base-model reference, the trained GIRCSE directory (``gircse_config.json`` + peft
     adapter; load with ``GIRCSE.from_pretrained(out)``). ``resume=True`` continues from the checkpoint
     with the same data order, optimizer, scheduler and RNG; it needs the checkpoint, and the same options
@@ -391,16 +401,21 @@ def train(model, data: str, out: str, config: TrainConfig | None = None, *, resu
         os.makedirs(out, exist_ok=True)
         ckpt_path, log_path = os.path.join(out, CHECKPOINT_FILE), os.path.join(out, LOG_FILE)
         step = 0
+        run_config = {**config.public(), "data": os.path.abspath(data), "data_sha256": plan.data_sha256,
+                      "world_size": world, "total_steps": total, "warmup_steps": plan.warmup_steps}
         if resume:
             step = load_checkpoint(ckpt_path, named_params=params, optimizer=optimizer, scheduler=scheduler)["step"]
             if rank == 0:
                 _rewrite_log(log_path, step)
+                # The options a resume may change (stop_at_step, ...) are this leg's; the steps it started
+                # from are kept, so the file never describes a run other than the one in --out.
+                run_config["resumed_at_steps"] = _previous_resumes(os.path.join(out, CONFIG_FILE)) + [step]
         elif rank == 0:
             for name in plan.replaces:  # with overwrite, or a log left by a run killed before its first checkpoint
                 os.remove(os.path.join(out, name))
+        if rank == 0:
             with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump({**config.public(), "data": os.path.abspath(data), "data_sha256": plan.data_sha256,
-                           "world_size": world, "total_steps": total, "warmup_steps": plan.warmup_steps}, f, indent=2)
+                json.dump(run_config, f, indent=2)
 
         def checkpoint():
             if rank == 0:

@@ -82,6 +82,8 @@ def test_stop_at_step_pauses_inside_the_schedule_and_resume_finishes_it(smollm2_
     with safe_open(os.path.join(paused, "checkpoint.safetensors"), "pt") as f:  # the checkpoint is step 3's
         assert json.loads(f.metadata()["info"])["step"] == 3
     run(smollm2_tokenizer, data, paused, resume=True)
+    recorded = json.load(open(os.path.join(paused, "train_config.json")))  # this leg's options, not the first's
+    assert recorded["stop_at_step"] is None and recorded["resumed_at_steps"] == [3]
     a, b = _tensors(os.path.join(full, "checkpoint.safetensors")), _tensors(os.path.join(paused, "checkpoint.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert [e["loss"] for e in open_log(paused)] == [e["loss"] for e in log_full]
