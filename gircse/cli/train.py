@@ -56,12 +56,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'all-linear' or a comma-separated list of module names")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (loss and similarities stay fp32)")
-    parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--max-grad-norm", type=_grad_norm, default=d.max_grad_norm,
+                        help="clip the gradient's global norm to this (default %(default)s, as the authors' "
+                             "Trainer; 'none' turns clipping off)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="model weights dtype (default: fp32 on CPU)")
+
+
+def _grad_norm(text: str) -> float | None:
+    """'none' (no clipping) or a number; TrainConfig checks that it is > 0."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+_grad_norm.__name__ = "max-grad-norm"  # argparse names the type in "invalid max-grad-norm value: ..."
 
 
 def add_train_parser(sub) -> None:

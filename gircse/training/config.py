@@ -12,7 +12,8 @@ __all__ = ["RULES", "TrainConfig"]
 @dataclasses.dataclass
 class TrainConfig:
     """Paper defaults: LoRA r=64, alpha=32 on all linear layers, lr 1e-5 with 10% warmup, tau 0.02,
-    lambda 1, K=5, one epoch."""
+    lambda 1, K=5, one epoch, gradients clipped at norm 1.0 (the authors' Trainer; issue 26 measured
+    unclipped GIRCSE at nDCG@10 0.737 against 0.895 clipped)."""
     method: str = "gircse"              # gircse | causal-eos | bidirectional-avg | two-stage
     k: int = 5                          # soft tokens during training (gircse)
     temperature: float = 0.02
@@ -35,7 +36,7 @@ class TrainConfig:
     lora_target_modules: str | list[str] = "all-linear"
     gradient_checkpointing: bool = False
     bf16: bool = False                  # bf16 autocast for the model's forward/backward
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = 1.0   # clip the global gradient norm (None: off); the authors' Trainer clips at 1.0
     checkpoint_every: int = 50          # optimizer steps between checkpoints (0: only the final one)
     seed: int = 0
     progress: bool = True

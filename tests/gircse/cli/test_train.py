@@ -27,6 +27,8 @@ def test_config_from_args_defaults_are_the_papers():
     c = config_from_args(_parser().parse_args(["train", "--out", "x", "--step-reduction", "mean",
                                                "--max-grad-norm", "1.0"]))
     assert c.step_reduction == "mean" and c.max_grad_norm == 1.0
+    assert config_from_args(_parser().parse_args(["train", "--out", "x"])).max_grad_norm == 1.0  # clipped by default
+    assert config_from_args(_parser().parse_args(["train", "--out", "x", "--max-grad-norm", "none"])).max_grad_norm is None
     c = config_from_args(_parser().parse_args(["train", "--out", "x", "--method", "causal-eos", "--gradcache-chunk", "8",
                                                "--lora-target-modules", "q_proj,v_proj", "--bf16"]))
     assert c.method == "causal-eos" and c.embed_chunk == 8 and c.lora_target_modules == ["q_proj", "v_proj"] and c.bf16
@@ -95,9 +97,10 @@ def test_cli_user_errors_are_one_line_before_loading(tmp_path, capsys, no_model_
     (tmp_path / "file").write_text("x")
     assert main(["train", "--out", str(tmp_path / "file"), "--data", good]) == 2
     assert "is a file" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", out, "--dtype", "int8"])
-    assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    for extra in (["--dtype", "int8"], ["--max-grad-norm", "off"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--out", out] + extra)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def test_cli_run_checks_before_loading(smollm2_tokenizer, tmp_path, capsys, monkeypatch):
