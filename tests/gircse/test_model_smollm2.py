@@ -58,7 +58,8 @@ def test_real_model_explain_matches_the_op_reference(smollm2):
 def test_real_model_bf16_guarantees(smollm2):
     """bf16 encode is not batch invariant (fp32 is: test above): the K soft-token steps feed rounding
     differences back, so a text alone and in a batch differ (raw SmolLM2, K = 3: worst cosine 0.978 on an
-    AMD EPYC, 0.946 on an AMX Xeon; K = 20: 0.876; the default adapter stays >= 0.974 at K = 3, 5, 10, 20). Guaranteed and tested:
+    AMD EPYC, 0.946 on an AMX Xeon; K = 20: 0.876; the previous, unclipped default adapter stayed >= 0.974
+    at K = 3, 5, 10, 20). Guaranteed and tested:
     a repeated call is bit-identical, and with batch_size=1 a text's embedding does not depend on the
     other texts at all."""
     import copy

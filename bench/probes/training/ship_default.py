@@ -23,6 +23,8 @@ def main(run_dir: str) -> None:
         raise SystemExit(f"{run_dir}: expected an adapter run on {BASE_MODEL}, got {gircse_config}")
     adapter_config = json.load(open(os.path.join(run_dir, "adapter_config.json")))
     adapter_config["base_model_name_or_path"] = BASE_MODEL
+    if isinstance(adapter_config.get("target_modules"), list):  # peft saves a set: its order varies per run
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
     tensors = {name: t.half().contiguous() for name, t in
                load_file(os.path.join(run_dir, "adapter_model.safetensors")).items()}
     os.makedirs(DEST, exist_ok=True)

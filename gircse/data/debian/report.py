@@ -33,26 +33,30 @@ def plot_k_scaling(results: dict[str, dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
     metrics = [("retrieval", "ndcg@10", "retrieval nDCG@10"), ("classification", "knn_accuracy", "section kNN accuracy")]
     baseline_styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]  # one per one-step baseline, so they stay apart
+    baseline_colors = ["black", "tab:brown", "tab:cyan", "tab:olive"]  # trained baselines; raw ones are gray
     for ax, (task, metric, title) in zip(axes, metrics):
-        baselines = 0
+        baselines = trained = 0
         for label, result in results.items():
             ks = result["k"]
             ys = [result[task][str(k)][metric] for k in ks]
             if result["method"] == "gircse":
                 ax.plot(ks, ys, marker="o", label=label)
             else:
+                raw = "raw" in label
                 ax.axhline(ys[0], linestyle=baseline_styles[baselines % len(baseline_styles)],
-                           color="gray" if "raw" in label else "black", label=label)
+                           color="gray" if raw else baseline_colors[trained % len(baseline_colors)], label=label)
                 baselines += 1
+                trained += not raw
         ax.set_xlabel("K (soft tokens at test time)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # one legend under both panels, so no curve hides behind it
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
     fig.suptitle("Debian dev tasks, SmolLM2-135M: test-time scaling with K (GIRCSE trained at K=5)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(results) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
