@@ -3,8 +3,9 @@
     python bench/probes/decode-group/probe.py [--reps 2] [--out results.json]
 
 Encodes the first 128 Debian dev descriptions (as the `encode-cost` bench) with the shipped model in fp32,
-max_length 128: Causal-EOS, and GIRCSE at K = 5 and 20 with the K decode steps run on groups of 32 (today's
-default at this length under the 256 MiB KV budget), 64 and 128 texts (`decode_batch_size`). All calls are
+max_length 128: Causal-EOS, and GIRCSE at K = 5 and 20 with the K decode steps run on groups of 32 (the
+automatic group at this length under the old 256 MiB KV budget), 64 and 128 texts (the automatic group under
+today's 1 GiB) (`decode_batch_size`, so the result does not depend on the budget). All calls are
 timed round-robin in one process (best of `--reps`), so the ratios are side by side; peak memory is each
 call's extra resident memory (bench.harness).
 """
